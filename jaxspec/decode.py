@@ -1,0 +1,206 @@
+"""Decode loops: prefill, then a jitted ``lax.while_loop`` of decode steps over a state dataclass.
+
+Convention: ``state.last`` holds each row's newest token, which is *not* yet in the cache. A step feeds it (plus,
+for speculative decoding, drafts) and appends what it accepts to ``state.out``. Autoregressive (``ar``) and
+self-speculative (``ssd``, see ``speculative.py``) decoding share the state, prefill and driver.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxspec.config import Config
+from jaxspec.model import KVCache, Params, forward, hidden
+from jaxspec.sampling import Sampling, sample
+
+Array = jax.Array
+
+PREFILL_BUCKETS = (16, 64, 256, 1024, 4096, 16384)  # prefill chunk lengths: one compilation each at most
+
+
+@struct.dataclass
+class State:
+    cache: KVCache
+    last: Array  # (B,) newest token, not yet in the cache
+    out: Array  # (B, max_new) generated tokens
+    n_out: Array  # (B,) how many of ``out`` are filled
+    done: Array  # (B,) bool
+    budget: Array  # (B,) max new tokens per row
+    key: Array
+    stats: dict[str, Array]  # per-row counters (speculative decoding fills them)
+
+
+def bucket(n: int, buckets: tuple[int, ...] = PREFILL_BUCKETS) -> int:
+    return next((b for b in buckets if b >= n), -(-n // buckets[-1]) * buckets[-1])
+
+
+def cache_len(prompt_len: int, max_new: int, extra: int = 0) -> int:
+    """Cache capacity for a request: rounded up to a multiple of 256 to bound recompilation."""
+    return -(-(prompt_len + max_new + extra) // 256) * 256
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """Autoregressive decoding: config, sampling and stop ids. Frozen and hashable, so ``run`` is jitted once per
+    shape; ``speculative.SpecDecoder`` subclasses it and overrides ``step``."""
+
+    cfg: Config
+    sampling: Sampling = Sampling()
+    eos_ids: tuple[int, ...] = ()
+
+    mode = "ar"
+    extra = 0  # cache slots needed beyond prompt + new tokens (speculative scratch)
+
+    def init_stats(self, batch: int, max_new: int) -> dict[str, Array]:
+        return {}
+
+    def stop(self, state: State, new: Array, keep: Array) -> State:
+        """Append tokens ``new`` (B, K) where ``keep`` (B, K) to ``state.out``, cutting at EOS and budget."""
+        B, K = new.shape
+        is_eos = jnp.isin(new, jnp.asarray(self.eos_ids, jnp.int32)) if self.eos_ids else jnp.zeros_like(keep)
+        # Keep tokens up to and including the first EOS.
+        after_eos = jnp.cumsum(is_eos & keep, axis=1) - (is_eos & keep)
+        keep = keep & (after_eos == 0) & ~state.done[:, None]
+        room = state.budget - state.n_out
+        keep = keep & (jnp.cumsum(keep, axis=1) <= room[:, None])
+        n = keep.sum(axis=1).astype(jnp.int32)
+        pos = state.n_out[:, None] + jnp.cumsum(keep, axis=1) - 1
+        pos = jnp.where(keep, pos, state.out.shape[1])  # out-of-range writes are dropped
+        out = state.out.at[jnp.arange(B)[:, None], pos].set(new, mode="drop")
+        n_out = state.n_out + n
+        done = state.done | (n_out >= state.budget) | jnp.any(is_eos & keep, axis=1)
+        return state.replace(out=out, n_out=n_out, done=done)
+
+    def step(self, params: Params, state: State) -> State:
+        """One autoregressive step: feed ``last``, sample the next token."""
+        logits, cache = forward(params, self.cfg, state.last[:, None], state.cache)
+        key, sub = jax.random.split(state.key)
+        nxt = sample(sub, logits[:, 0], self.sampling)
+        state = self.stop(state, nxt[:, None], jnp.ones((nxt.shape[0], 1), bool))
+        cache = cache.replace(lengths=jnp.where(state.done, state.cache.lengths, cache.lengths))
+        return state.replace(cache=cache, last=jnp.where(state.done, state.last, nxt), key=key)
+
+    @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+    def run(self, params: Params, state: State, max_steps: Array) -> State:
+        """Run up to ``max_steps`` steps (or until every row is done) on device."""
+        def cond(c: tuple[State, Array]) -> Array:
+            return (c[1] < max_steps) & ~jnp.all(c[0].done)
+
+        def body(c: tuple[State, Array]) -> tuple[State, Array]:
+            return self.step(params, c[0]), c[1] + 1
+
+        return jax.lax.while_loop(cond, body, (state, jnp.int32(0)))[0]
+
+
+@functools.partial(jax.jit, static_argnums=1, donate_argnums=3)
+def _prefill(params: Params, cfg: Config, tokens: Array, cache: KVCache, lengths: Array) -> KVCache:
+    _, cache = hidden(params, cfg, tokens, cache)
+    return cache.replace(lengths=lengths)
+
+
+def prefill(params: Params, decoder: Decoder, prompts: list[list[int]], max_new: int | list[int], seed: int = 0,
+            **init: float) -> State:
+    """Write every prompt but its last token into a fresh cache and return the initial decode state.
+
+    Prompts of different lengths are right-padded to one bucket length; per-row lengths mask the padding.
+    ``init`` goes to ``decoder.init_stats`` (e.g. the speculative threshold carried over from earlier requests).
+    """
+    cfg, extra = decoder.cfg, decoder.extra
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: at least one token is needed")
+    budgets = [max_new] * len(prompts) if isinstance(max_new, int) else list(max_new)
+    if any(b < 1 for b in budgets):
+        raise ValueError("max new tokens must be >= 1")
+    longest = max(len(p) for p in prompts)
+    if longest + max(budgets) > cfg.max_seq_len:
+        raise ValueError(f"prompt ({longest} tokens) + {max(budgets)} new tokens exceeds the model's context "
+                         f"of {cfg.max_seq_len}")
+    B = len(prompts)
+    max_len = min(cache_len(longest, max(budgets), extra), cfg.max_seq_len + extra)
+    cache = KVCache.create(cfg, B, max_len)
+    if longest > 1:
+        T = min(bucket(longest - 1), max_len)
+        toks = np.zeros((B, T), np.int32)
+        for b, p in enumerate(prompts):
+            toks[b, : len(p) - 1] = p[:-1]
+        cache = _prefill(params, cfg, jnp.asarray(toks), cache, jnp.asarray([len(p) - 1 for p in prompts], jnp.int32))
+    return State(
+        cache=cache,
+        last=jnp.asarray([p[-1] for p in prompts], jnp.int32),
+        out=jnp.zeros((B, max(budgets)), jnp.int32),
+        n_out=jnp.zeros((B,), jnp.int32),
+        done=jnp.zeros((B,), bool),
+        budget=jnp.asarray(budgets, jnp.int32),
+        key=jax.random.key(seed),
+        stats=decoder.init_stats(B, max(budgets), **init),
+    )
+
+
+@dataclass
+class Result:
+    tokens: list[list[int]]  # new tokens per row
+    prompt_tokens: list[int]
+    prefill_s: float
+    decode_s: float
+    compile_s: float  # decode-loop compilation, excluded from decode_s
+    stats: dict[str, list[int]]
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def stream(decoder: Decoder, params: Params, state: State, steps_per_call: int = 8) -> Iterator[State]:
+    """Run ``decoder`` to completion, yielding the state every ``steps_per_call`` steps (for streaming)."""
+    while True:
+        state = decoder.run(params, state, jnp.int32(steps_per_call))
+        yield state
+        if bool(jnp.all(state.done)):
+            return
+
+
+def generate(decoder: Decoder, params: Params, prompts: list[list[int]], max_new: int | list[int], seed: int = 0,
+             on_update: Callable[[State], None] | None = None, steps_per_call: int = 1 << 30,
+             **init: float) -> Result:
+    """Prefill and decode a batch of prompts; return new tokens, timings and per-row stats."""
+    t0 = time.perf_counter()
+    state = prefill(params, decoder, prompts, max_new, seed, **init)
+    jax.block_until_ready(state)
+    t1 = time.perf_counter()
+    state = jax.block_until_ready(decoder.run(params, state, jnp.int32(0)))  # compiles (cached after the first call)
+    t_compile = time.perf_counter() - t1
+    t1 += t_compile
+    for state in stream(decoder, params, state, steps_per_call):
+        if on_update is not None:
+            on_update(state)
+    out, n = np.asarray(state.out), np.asarray(state.n_out)
+    t2 = time.perf_counter()
+    return Result(tokens=[out[b, : n[b]].tolist() for b in range(len(prompts))],
+                  prompt_tokens=[len(p) for p in prompts], prefill_s=t1 - t_compile - t0, decode_s=t2 - t1,
+                  compile_s=t_compile,
+                  stats={k: np.asarray(v).tolist() for k, v in state.stats.items()})
+
+
+def result_stats(r: Result) -> dict[str, float | int | str]:
+    """Aggregate counters of a ``Result`` for printing and JSON (speculative counters when present)."""
+    out: dict[str, float | int | str] = {"prompt_tokens": sum(r.prompt_tokens), "new_tokens": r.new_tokens,
+                                         "prefill_s": round(r.prefill_s, 4), "decode_s": round(r.decode_s, 4),
+                                         "tokens_per_s": round(r.tokens_per_s, 2)}
+    if "drafted" in r.stats:
+        drafted, accepted, calls = (sum(r.stats[k]) for k in ("drafted", "accepted", "verify_calls"))
+        out.update(drafted=drafted, accepted=accepted, verify_calls=calls,
+                   acceptance_rate=round(accepted / drafted, 4) if drafted else 0.0,
+                   mean_accepted=round(accepted / calls, 3) if calls else 0.0)
+    return out

@@ -1,0 +1,220 @@
+"""LLaMA-2-family transformer as pure functions over dataclass pytrees, with a functional KV cache.
+
+The forward pass takes the cache in and returns it; a skip mask (static) turns sublayers into the identity.
+Every parameter and cache array names its logical axes in ``AXES`` so ``sharding.py`` can place it on a mesh.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxspec.config import Config, SkipMask
+
+Array = jax.Array
+
+# Logical axes of every parameter (per layer for Layer fields) and of the cache, named once.
+AXES: dict[str, tuple[str, ...]] = {
+    "embed": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "norm": ("embed",),
+    "attn_norm": ("embed",),
+    "wq": ("embed", "heads", "head_dim"),
+    "wk": ("embed", "kv_heads", "head_dim"),
+    "wv": ("embed", "kv_heads", "head_dim"),
+    "wo": ("heads", "head_dim", "embed"),
+    "mlp_norm": ("embed",),
+    "w_gate": ("embed", "mlp"),
+    "w_up": ("embed", "mlp"),
+    "w_down": ("mlp", "embed"),
+    "cache_kv": ("batch", "seq", "kv_heads", "head_dim"),
+    "cache_lengths": ("batch",),
+}
+
+
+@struct.dataclass
+class Layer:
+    attn_norm: Array
+    wq: Array
+    wk: Array
+    wv: Array
+    wo: Array
+    mlp_norm: Array
+    w_gate: Array
+    w_up: Array
+    w_down: Array
+
+
+@struct.dataclass
+class Params:
+    embed: Array
+    layers: tuple[Layer, ...]
+    norm: Array
+    lm_head: Array | None  # None when the embeddings are tied
+
+
+def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Expected shape of every parameter, keyed ``embed``, ``layers.{i}.wq``, ... (used by converters)."""
+    d, h, kv, hd, f = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_dim
+    layer = {
+        "attn_norm": (d,), "wq": (d, h, hd), "wk": (d, kv, hd), "wv": (d, kv, hd), "wo": (h, hd, d),
+        "mlp_norm": (d,), "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d),
+    }
+    shapes = {"embed": (cfg.vocab_size, d), "norm": (d,)}
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (d, cfg.vocab_size)
+    for i in range(cfg.n_layers):
+        shapes.update({f"layers.{i}.{k}": s for k, s in layer.items()})
+    return shapes
+
+
+def params_from_flat(cfg: Config, flat: dict[str, Array]) -> Params:
+    """Build ``Params`` from a flat name → array dict, checking every parameter is present with its shape."""
+    shapes = param_shapes(cfg)
+    missing = sorted(set(shapes) - set(flat))
+    extra = sorted(set(flat) - set(shapes))
+    if missing or extra:
+        raise ValueError(f"parameter mismatch: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                         f"extra {extra[:8]}{'...' if len(extra) > 8 else ''}")
+    for name, shape in shapes.items():
+        if tuple(flat[name].shape) != shape:
+            raise ValueError(f"parameter {name}: shape {tuple(flat[name].shape)}, expected {shape}")
+    layers = tuple(
+        Layer(**{k: flat[f"layers.{i}.{k}"] for k in Layer.__dataclass_fields__}) for i in range(cfg.n_layers)
+    )
+    return Params(embed=flat["embed"], layers=layers, norm=flat["norm"], lm_head=flat.get("lm_head"))
+
+
+def params_to_flat(params: Params) -> dict[str, Array]:
+    flat = {"embed": params.embed, "norm": params.norm}
+    if params.lm_head is not None:
+        flat["lm_head"] = params.lm_head
+    for i, layer in enumerate(params.layers):
+        flat.update({f"layers.{i}.{k}": getattr(layer, k) for k in Layer.__dataclass_fields__})
+    return flat
+
+
+def init_params(cfg: Config, key: Array, scale: float = 1.0) -> Params:
+    """Random parameters (normal, fan-in scaled) for tests and tiny trained models."""
+    shapes = param_shapes(cfg)
+    keys = jax.random.split(key, len(shapes))
+    flat = {}
+    for k, (name, shape) in zip(keys, sorted(shapes.items())):
+        if name.endswith("norm"):
+            flat[name] = jnp.ones(shape, cfg.dtype)
+        else:
+            fan_in = shape[0] if not name.endswith("wo") else shape[0] * shape[1]
+            if name == "embed":
+                fan_in = 1
+            flat[name] = (scale / math.sqrt(fan_in) * jax.random.normal(k, shape)).astype(cfg.dtype)
+    return params_from_flat(cfg, flat)
+
+
+@struct.dataclass
+class KVCache:
+    """Preallocated per-layer K/V of shape (batch, max_len, kv_heads, head_dim) and per-row lengths.
+
+    Row b's valid entries are ``[0, lengths[b])``; rollback is resetting ``lengths``.
+    """
+
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
+    lengths: Array  # (batch,) int32
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+    @classmethod
+    def create(cls, cfg: Config, batch: int, max_len: int) -> KVCache:
+        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        k = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layers))
+        v = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layers))
+        return cls(k=k, v=v, lengths=jnp.zeros((batch,), jnp.int32))
+
+
+def rms_norm(x: Array, w: Array, eps: float) -> Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding in HF's rotate-half layout. x: (B, T, heads, head_dim); positions: (B, T)."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
+    ang = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, hd/2)
+    cos = jnp.cos(ang)[:, :, None, :]
+    sin = jnp.sin(ang)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _write(cache_arr: Array, new: Array, start: Array) -> Array:
+    """Write a (B, T, kv, hd) chunk into (B, S, kv, hd) at per-row offsets ``start`` (B,)."""
+    if cache_arr.shape[0] == 1:
+        return jax.lax.dynamic_update_slice(cache_arr, new, (0, start[0], 0, 0))
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (s, 0, 0)))(cache_arr, new, start)
+
+
+def attention(layer: Layer, x: Array, k_cache: Array, v_cache: Array, positions: Array, start: Array,
+              cfg: Config) -> tuple[Array, Array, Array]:
+    """Causal GQA attention of a T-token chunk against the cache; returns (out, k_cache, v_cache)."""
+    B, T, _ = x.shape
+    kv, g, hd = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
+    q = rope(jnp.einsum("btd,dhk->bthk", x, layer.wq), positions, cfg.rope_theta)
+    k = rope(jnp.einsum("btd,dhk->bthk", x, layer.wk), positions, cfg.rope_theta)
+    v = jnp.einsum("btd,dhk->bthk", x, layer.wv)
+    k_cache = _write(k_cache, k.astype(k_cache.dtype), start)
+    v_cache = _write(v_cache, v.astype(v_cache.dtype), start)
+    q = q.reshape(B, T, kv, g, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    key_pos = jnp.arange(k_cache.shape[1])
+    mask = key_pos[None, None, :] <= positions[:, :, None]  # (B, T, S)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache).reshape(B, T, cfg.n_heads, hd)
+    return jnp.einsum("bthk,hkd->btd", out, layer.wo), k_cache, v_cache
+
+
+def mlp(layer: Layer, x: Array) -> Array:
+    gate = jnp.einsum("btd,df->btf", x, layer.w_gate)
+    up = jnp.einsum("btd,df->btf", x, layer.w_up)
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer.w_down)
+
+
+def hidden(params: Params, cfg: Config, tokens: Array, cache: KVCache,
+           skip: SkipMask = SkipMask()) -> tuple[Array, KVCache]:
+    """Final-norm hidden states of a (B, T) chunk appended at each row's ``cache.lengths``."""
+    start = cache.lengths
+    positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+    x = params.embed[tokens]
+    ks, vs = list(cache.k), list(cache.v)
+    for i, layer in enumerate(params.layers):
+        if i not in skip.attn:
+            h, ks[i], vs[i] = attention(layer, rms_norm(x, layer.attn_norm, cfg.norm_eps), ks[i], vs[i],
+                                        positions, start, cfg)
+            x = x + h
+        if i not in skip.mlp:
+            x = x + mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps))
+    x = rms_norm(x, params.norm, cfg.norm_eps)
+    return x, KVCache(k=tuple(ks), v=tuple(vs), lengths=start + tokens.shape[1])
+
+
+def logits_of(params: Params, x: Array) -> Array:
+    """Project hidden states (..., dim) to float32 vocabulary logits."""
+    if params.lm_head is None:
+        return jnp.einsum("...d,vd->...v", x, params.embed, preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", x, params.lm_head, preferred_element_type=jnp.float32)
+
+
+def forward(params: Params, cfg: Config, tokens: Array, cache: KVCache,
+            skip: SkipMask = SkipMask()) -> tuple[Array, KVCache]:
+    """Logits (B, T, vocab) of a chunk and the cache with the chunk appended (lengths advanced by T)."""
+    x, cache = hidden(params, cfg, tokens, cache, skip)
+    return logits_of(params, x), cache

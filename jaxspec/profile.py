@@ -1,0 +1,96 @@
+"""Skip profiles: which sublayers a checkpoint's draft skips, with θ and ``max_draft``, bound to one model.
+
+A profile is JSON beside the checkpoint (``skip_profile.json``). ``model_id`` hashes the config and weight shapes so a
+profile made for another model is refused. Named presets hold the masks the paper's authors published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jaxspec.config import Config, SkipMask
+from jaxspec.model import param_shapes
+
+PROFILE_NAME = "skip_profile.json"
+
+# Draft & Verify's published masks (their repository's skip_layers.json), 0-based layer indices.
+PRESETS: dict[str, tuple[int, SkipMask]] = {
+    "llama-2-13b": (40, SkipMask(
+        attn=(3, 5, 6, 8, 10, 11, 14, 15, 18, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 33, 34, 35, 36, 37),
+        mlp=(6, 9, 10, 11, 15, 24, 25, 27, 28, 35))),
+    "llama-2-13b-chat": (40, SkipMask(
+        attn=(7, 8, 9, 10, 11, 14, 15, 18, 22, 23, 24, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38),
+        mlp=(7, 10, 11, 14, 27, 30, 32, 33, 37, 38))),
+    "codellama-13b": (40, SkipMask(
+        attn=(5, 6, 9, 10, 11, 14, 15, 16, 21, 23, 24, 26, 27, 28, 29, 30, 31, 32, 34, 35, 36, 37),
+        mlp=(10, 11, 12, 14, 15, 25, 26, 27, 30, 32, 33, 34))),
+    "llama-2-70b": (80, SkipMask(
+        attn=(10, 11, 13, 14, 16, 18, 19, 20, 21, 22, 25, 27, 28, 29, 30, 31, 35, 41, 43, 45, 46, 47, 48, 49, 50, 51,
+              52, 53, 54, 55, 56, 57, 58, 60, 61, 62, 63, 65, 66, 67, 68, 69, 70, 74, 75, 78, 79),
+        mlp=(2, 4, 9, 10, 13, 14, 16, 20, 21, 22, 24, 25, 26, 27, 28, 29, 31, 34, 37, 41, 47, 48, 49, 50, 53, 54, 55,
+             57, 58, 60, 62, 63, 66, 67, 68, 70, 76))),
+}
+
+
+def model_id(cfg: Config) -> str:
+    """A short hash of the architecture and every parameter's shape (not dtype or context length)."""
+    arch = {k: v for k, v in cfg.to_json().items() if k not in ("dtype", "max_seq_len")}
+    blob = json.dumps({"arch": arch, "shapes": sorted(param_shapes(cfg).items())}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Profile:
+    mask: SkipMask
+    threshold: float = 0.6
+    max_draft: int = 12
+    model_id: str | None = None
+    use_ssd: bool = True  # False when no mask beat autoregressive decoding on the profiled device
+    info: dict[str, Any] = field(default_factory=dict)  # measurements, device, search trace, ...
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "mask": self.mask.to_json(), "threshold": self.threshold,
+                "max_draft": self.max_draft, "use_ssd": self.use_ssd, **self.info}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Profile:
+        known = {"model_id", "mask", "threshold", "max_draft", "use_ssd"}
+        return cls(mask=SkipMask.from_json(d["mask"]), threshold=float(d.get("threshold", 0.6)),
+                   max_draft=int(d.get("max_draft", 12)), model_id=d.get("model_id"),
+                   use_ssd=bool(d.get("use_ssd", True)), info={k: v for k, v in d.items() if k not in known})
+
+
+def load_profile(path: str | Path, cfg: Config) -> Profile:
+    """Read a profile (a file path or a preset name) and check it fits ``cfg``; ``ValueError`` otherwise."""
+    if str(path) in PRESETS:
+        n_layers, mask = PRESETS[str(path)]
+        if n_layers != cfg.n_layers:
+            raise ValueError(f"preset {path!r} is for {n_layers}-layer models; this model has {cfg.n_layers} layers")
+        return Profile(mask=mask, model_id=model_id(cfg), info={"preset": str(path)})
+    try:
+        prof = Profile.from_json(json.loads(Path(path).read_text()))
+    except FileNotFoundError:
+        raise ValueError(f"skip profile {path} not found (nor a preset: {', '.join(PRESETS)})") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"skip profile {path} is not a valid profile ({e})") from None
+    if prof.model_id is not None and prof.model_id != model_id(cfg):
+        raise ValueError(f"skip profile {path} was made for another model (model_id {prof.model_id}, "
+                         f"this checkpoint is {model_id(cfg)})")
+    prof.mask.validate(cfg.n_layers)
+    return prof
+
+
+def save_profile(path: str | Path, prof: Profile) -> None:
+    """Write a profile atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".profile-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(prof.to_json(), f, indent=1)
+    os.replace(tmp, path)
