@@ -103,7 +103,7 @@ def init_params(cfg: Config, key: Array, scale: float = 1.0) -> Params:
     shapes = param_shapes(cfg)
     keys = jax.random.split(key, len(shapes))
     flat = {}
-    for k, (name, shape) in zip(keys, sorted(shapes.items())):
+    for k, (name, shape) in zip(keys, sorted(shapes.items()), strict=True):
         if name.endswith("norm"):
             flat[name] = jnp.ones(shape, cfg.dtype)
         else:

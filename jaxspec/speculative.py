@@ -8,6 +8,7 @@ pass, keep the longest agreeing prefix plus one token from the full model, roll 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 
 from jaxspec.config import SkipMask
 from jaxspec.decode import Decoder, State
-from jaxspec.model import Params, forward
+from jaxspec.model import KVCache, Params, forward
 from jaxspec.sampling import probs, sample_probs
 
 Array = jax.Array
@@ -90,7 +91,9 @@ class SpecDecoder(Decoder):
 
         return {"drafted": z(), "accepted": z(), "verify_calls": z(), "draft_steps": z(),
                 "theta": jnp.full((batch,), theta, jnp.float32), "m": jnp.zeros((batch,), jnp.float32),
-                "theta_trace": jnp.zeros((batch, max_new), jnp.float32)}
+                "theta_trace": jnp.zeros((batch, max_new), jnp.float32),
+                "drafted_trace": jnp.zeros((batch, max_new), jnp.int32),
+                "accepted_trace": jnp.zeros((batch, max_new), jnp.int32)}
 
     def draft(self, params: Params, state: State, key: Array) -> tuple[Array, Array, Array | None, Array, Array]:
         """Draft up to ``max_draft`` tokens per row; returns (drafts, n_draft, q or None, cache, steps run)."""
@@ -127,13 +130,35 @@ class SpecDecoder(Decoder):
         d, cache, _, _, drafts, q, n_draft, _ = jax.lax.while_loop(cond, body, init)
         return drafts, n_draft, q, cache, d
 
+    @property
+    def verify_sizes(self) -> tuple[int, ...]:
+        """Verify chunk lengths compiled (each is one more compiled forward pass): 2, 4, 8, ... below
+        ``max_draft + 1``, then ``max_draft + 1``."""
+        return tuple(t for t in (2, 4, 8, 16, 32) if t < self.max_draft + 1) + (self.max_draft + 1,)
+
+    def verify(self, params: Params, chunk: Array, cache: KVCache, n_draft: Array, done: Array
+               ) -> tuple[Array, KVCache]:
+        """Full-model logits over ``chunk`` (B, K+1) = [last, drafts], run at the smallest compiled length that
+        holds every live row's drafts (a multi-row matmul is not free on CPU), padded back to K+1."""
+        sizes = self.verify_sizes
+        need = jnp.max(jnp.where(done, 0, n_draft)) + 1
+        idx = jnp.sum(jnp.asarray(sizes) < need)
+
+        def run(t: int) -> Callable[[KVCache], tuple[Array, KVCache]]:
+            def f(c: KVCache) -> tuple[Array, KVCache]:
+                logits, c = forward(params, self.cfg, chunk[:, :t], c)
+                return jnp.pad(logits, ((0, 0), (0, chunk.shape[1] - t), (0, 0))), c
+            return f
+
+        return jax.lax.switch(idx, [run(t) for t in sizes], cache)
+
     def step(self, params: Params, state: State) -> State:
         """One draft-verify cycle for every live row."""
         key, k_draft, k_verify = jax.random.split(state.key, 3)
         start = state.cache.lengths
         drafts, n_draft, q, cache, n_steps = self.draft(params, state, k_draft)
         chunk = jnp.concatenate([state.last[:, None], drafts], axis=1)
-        logits, cache = forward(params, self.cfg, chunk, cache.replace(lengths=start))
+        logits, cache = self.verify(params, chunk, cache.replace(lengths=start), n_draft, state.done)
         if self.sampling.greedy:
             n_acc, tokens = accept_greedy(drafts, n_draft, logits)
         else:
@@ -156,5 +181,7 @@ class SpecDecoder(Decoder):
             draft_steps=st["draft_steps"] + jnp.where(live, n_steps, 0),
             theta=jnp.where(live, theta, st["theta"]), m=jnp.where(live, m, st["m"]),
             theta_trace=st["theta_trace"].at[rows, trace_idx].set(theta, mode="drop"),
+            drafted_trace=st["drafted_trace"].at[rows, trace_idx].set(n_draft, mode="drop"),
+            accepted_trace=st["accepted_trace"].at[rows, trace_idx].set(jnp.minimum(n_acc, n_draft), mode="drop"),
         )
         return new.replace(cache=cache.replace(lengths=lengths), last=last, key=key, stats=st)

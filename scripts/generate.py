@@ -15,7 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from jaxspec.checkpoint import CheckpointError, load, resolve  # noqa: E402
+import jax  # noqa: E402
+
+from jaxspec.checkpoint import CheckpointError, cache_dir, load, resolve  # noqa: E402
 from jaxspec.config import SkipMask  # noqa: E402
 from jaxspec.decode import Decoder, Result, generate, result_stats  # noqa: E402
 from jaxspec.profile import PROFILE_NAME, Profile, load_profile  # noqa: E402
@@ -67,6 +69,11 @@ def pick_profile(args: argparse.Namespace, cfg, ckpt_dir: Path) -> Profile | Non
     return load_profile(own, cfg) if own.exists() else None
 
 
+def text_of(tok, ids: list[int], eos: tuple[int, ...]) -> str:  # noqa: ANN001
+    """Decoded text of new tokens, without the end-of-sequence token that stopped generation."""
+    return tok.decode(ids[:-1] if ids and ids[-1] in eos else ids)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.max_new_tokens < 1:
@@ -78,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.prompt:
         raise ValueError("empty prompt")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    # Compiled decode loops persist across runs (XLA's compilation cache), so only the first run pays to compile.
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.verbose else (lambda *a: None)
 
     ckpt_dir = resolve(args.ckpt)
@@ -118,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         res = generate(decoder, params, [ids], args.max_new_tokens, seed=args.seed,
                        on_update=on_update if stream else None, steps_per_call=8 if stream else 1 << 30, **kw)
         if stream:
-            sys.stdout.write(tok.decode(res.tokens[0])[printed[0]:] + "\n")
+            sys.stdout.write(text_of(tok, res.tokens[0], eos)[printed[0]:] + "\n")
         return res
 
     if args.compare:
@@ -135,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if mode == "ssd" or args.compare:
         stats["theta"] = round(res.stats["theta"][0], 4)
     if args.json:
-        print(json.dumps({"text": tok.decode(res.tokens[0]), "token_ids": res.tokens[0], "stats": stats}))
+        print(json.dumps({"text": text_of(tok, res.tokens[0], eos), "token_ids": res.tokens[0], "stats": stats}))
     else:
         print(" ".join(f"{k}={v}" for k, v in stats.items()), file=sys.stderr)
     return 0

@@ -34,7 +34,7 @@ def margins(params, prompt: list[int], tokens: list[int]) -> np.ndarray:
 def assert_lossless(params, prompt, ar: list[int], ssd: list[int]) -> None:
     if ar == ssd:
         return
-    i = next((i for i, (a, b) in enumerate(zip(ar, ssd)) if a != b), min(len(ar), len(ssd)))
+    i = next((i for i, (a, b) in enumerate(zip(ar, ssd, strict=False)) if a != b), min(len(ar), len(ssd)))
     m = margins(params, prompt, ar)
     assert i < len(m) and m[i] < EPS, f"SSD diverged from AR at token {i} where the top-2 margin is {m[i]:.3g}"
 

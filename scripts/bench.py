@@ -1,0 +1,152 @@
+"""Decode benchmark on one checkpoint, everything measured side by side in one run (medians of repeats).
+
+    python scripts/bench.py                                   # AR vs roofline (+ HF transformers with --hf-python)
+    python scripts/bench.py --ssd light --ssd attn-half       # + self-speculative decoding for named masks
+
+Prints a markdown report: AR tokens/s, the memory-bandwidth roofline, and for each skip mask the acceptance, the
+draft-step and verify costs relative to one full decode step, the measured SSD speedup and the speedup those
+costs and acceptances predict (so any gap is implementation overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from jaxspec.checkpoint import load  # noqa: E402
+from jaxspec.config import Config, SkipMask  # noqa: E402
+from jaxspec.decode import Decoder, Result, generate  # noqa: E402
+from jaxspec.model import KVCache, Params, forward  # noqa: E402
+from jaxspec.speculative import SpecDecoder  # noqa: E402
+
+
+def named_masks(n: int) -> dict[str, SkipMask]:
+    mid = range(n // 5, n - n // 10)
+    return {
+        "light": SkipMask(attn=tuple(i for i in mid if i % 2 == 0)),
+        "attn-half": SkipMask(attn=tuple(mid)),
+        "attn-mlp": SkipMask(attn=tuple(mid), mlp=tuple(i for i in mid if i % 3 == 0)),
+    }
+
+
+def timed(fn, repeats: int) -> float:  # noqa: ANN001
+    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
+    jax.block_until_ready(fn())
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def bandwidth_gbs(repeats: int = 20) -> float:
+    """XLA:CPU float32 matrix-vector bandwidth: a 64 MiB matrix read per product."""
+    w = jnp.ones((4096, 4096), jnp.float32)
+    x = jnp.ones((1, 4096), jnp.float32)
+    f = jax.jit(lambda w, x: x @ w)
+    return w.nbytes / timed(lambda: f(w, x), repeats) / 1e9
+
+
+def step_cost(params: Params, cfg: Config, T: int, skip: SkipMask, n: int = 16, repeats: int = 5) -> float:
+    """Seconds per forward pass of a T-token chunk at context ~128 (n passes in one jitted loop)."""
+
+    @jax.jit
+    def loop(params: Params, cache: KVCache) -> jax.Array:
+        def body(i: int, c: tuple) -> tuple:
+            logits, cache = forward(params, cfg, jnp.full((1, T), 7, jnp.int32), c[0], skip)
+            return cache.replace(lengths=c[0].lengths), c[1] + logits[0, -1, 0]
+        return jax.lax.fori_loop(0, n, body, (cache, jnp.float32(0)))[1]
+
+    cache = KVCache.create(cfg, 1, 256).replace(lengths=jnp.asarray([128], jnp.int32))
+    return timed(lambda: loop(params, cache), repeats) / n
+
+
+def run(decoder: Decoder, params: Params, prompts: list[list[int]], max_new: int, repeats: int) -> list[Result]:
+    generate(decoder, params, prompts[:1], max_new)  # warm-up: compile and first-execution costs
+    return [generate(decoder, params, [p], max_new) for _ in range(repeats) for p in prompts]
+
+
+def tps(results: list[Result]) -> float:
+    return sum(r.new_tokens for r in results) / sum(r.decode_s for r in results)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", default="smollm2-135m")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ssd", action="append", default=[], help="named mask (light, attn-half, attn-mlp) or a "
+                    "profile JSON path; repeatable")
+    ap.add_argument("--hf-python", help="python of a venv with torch+transformers: also run scripts/bench_hf.py")
+    args = ap.parse_args()
+
+    cfg, params, tok = load(args.ckpt)
+    texts = ["The history of the Roman Empire began when", "def fibonacci(n):",
+             tok.apply_chat_template([{"role": "user", "content": "Write a haiku about the sea."}])
+             if tok.chat_template else "Once upon a time"]
+    prompts = [tok.encode(t) for t in texts]
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    bw = bandwidth_gbs()
+    print(f"## {args.ckpt}: {jax.devices()[0].device_kind}, {os.cpu_count()} cores, {cfg.dtype}, "
+          f"{args.max_new_tokens} new tokens, {len(prompts)} prompts x {args.repeats} repeats\n")
+    print(f"- weights read per token: {weight_bytes / 1e6:.0f} MB; matrix-vector bandwidth {bw:.1f} GB/s "
+          f"→ roofline {bw * 1e9 / weight_bytes:.1f} tokens/s")
+    ar = run(Decoder(cfg), params, prompts, args.max_new_tokens, args.repeats)
+    ar_tps = tps(ar)
+    print(f"- AR decode: **{ar_tps:.1f} tokens/s** ({ar_tps / (bw * 1e9 / weight_bytes):.0%} of roofline); "
+          f"per-run {[round(r.tokens_per_s, 1) for r in ar]}")
+    if args.hf_python:
+        out = subprocess.run([args.hf_python, str(Path(__file__).with_name("bench_hf.py")), "--max-new-tokens",
+                              str(args.max_new_tokens)], capture_output=True, text=True, check=True).stdout
+        hf = json.loads(out.strip().splitlines()[-1])
+        print(f"- HF transformers (torch {hf.get('torch')}): {hf['hf_tokens_per_s']:.1f} tokens/s → jaxspec is "
+              f"{ar_tps / hf['hf_tokens_per_s']:.2f}x")
+    if not args.ssd:
+        return
+    c_ar = step_cost(params, cfg, 1, SkipMask())
+    print(f"\n- full decode step {c_ar * 1e3:.1f} ms; verify chunk cost / decode step: " + ", ".join(
+        f"T={t}: {step_cost(params, cfg, t, SkipMask()) / c_ar:.2f}" for t in (2, 4, 8, 13)))
+    print("\n| mask | skipped attn+mlp | draft step / full | acceptance | mean accepted | AR tok/s | SSD tok/s |"
+          " speedup | predicted | identical |\n|---|---|---|---|---|---|---|---|---|---|")
+    masks = named_masks(cfg.n_layers)
+    for name in args.ssd:
+        if name in masks:
+            mask = masks[name]
+        else:
+            from jaxspec.profile import load_profile
+            mask = load_profile(name, cfg).mask
+        dec = SpecDecoder(cfg, skip=mask)
+        ar_again = run(Decoder(cfg), params, prompts, args.max_new_tokens, 1)
+        ssd = run(dec, params, prompts, args.max_new_tokens, args.repeats)
+        c_draft = step_cost(params, cfg, 1, mask) / c_ar
+        c_verify = {t: step_cost(params, cfg, t, SkipMask()) / c_ar for t in dec.verify_sizes}
+        # Predicted time in full-step units from each cycle's measured draft steps and verify chunk length.
+        pred_cost, tokens = 0.0, 0
+        for r in ssd:
+            for nd in r.stats["drafted_trace"][0][: r.stats["verify_calls"][0]]:
+                pred_cost += nd * c_draft + c_verify[min(t for t in dec.verify_sizes if t >= nd + 1)]
+            tokens += r.new_tokens
+        drafted = sum(sum(r.stats["drafted"]) for r in ssd)
+        accepted = sum(sum(r.stats["accepted"]) for r in ssd)
+        calls = sum(sum(r.stats["verify_calls"]) for r in ssd)
+        same = all(s.tokens == a.tokens for s, a in zip(ssd, ar_again * args.repeats, strict=False))
+        ar_tps2 = tps(ar_again)
+        print(f"| {name} | {len(mask.attn)}+{len(mask.mlp)} | {c_draft:.2f} | {accepted / drafted:.2f} | "
+              f"{accepted / calls:.2f} | {ar_tps2:.1f} | {tps(ssd):.1f} | {tps(ssd) / ar_tps2:.2f}x | "
+              f"{tokens / pred_cost:.2f}x | {same} |")
+
+
+if __name__ == "__main__":
+    main()
