@@ -23,6 +23,7 @@ from jaxspec.decode import Decoder, Result, generate, result_stats  # noqa: E402
 from jaxspec.profile import PROFILE_NAME, Profile, load_profile  # noqa: E402
 from jaxspec.sampling import Sampling  # noqa: E402
 from jaxspec.speculative import SpecDecoder  # noqa: E402
+from jaxspec.tokenizer import StreamDecoder  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,21 +115,21 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(decoder: Decoder, stream: bool) -> Result:
         kw = {"theta": theta} if decoder.mode == "ssd" else {}
-        printed = [0]
+        out, fed = StreamDecoder(tok), [0]
 
-        def on_update(state) -> None:  # noqa: ANN001
+        def on_update(state) -> None:  # noqa: ANN001 - decode.State
             n = int(state.n_out[0])
-            new = tok.decode(state.out[0, :n].tolist())
-            safe = len(new.rstrip("\ufffd"))
-            if safe > printed[0]:
-                sys.stdout.write(new[printed[0]:safe])
-                sys.stdout.flush()
-                printed[0] = safe
+            ids = state.out[0, fed[0] : n].tolist()
+            if bool(state.done[0]) and ids and ids[-1] in eos:
+                ids = ids[:-1]  # the end-of-sequence token that stopped generation is not printed
+            sys.stdout.write(out.put(ids))
+            sys.stdout.flush()
+            fed[0] = n
 
         res = generate(decoder, params, [ids], args.max_new_tokens, seed=args.seed,
                        on_update=on_update if stream else None, steps_per_call=8 if stream else 1 << 30, **kw)
         if stream:
-            sys.stdout.write(text_of(tok, res.tokens[0], eos)[printed[0]:] + "\n")
+            sys.stdout.write(out.flush() + "\n")
         return res
 
     if args.compare:
