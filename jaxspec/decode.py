@@ -132,7 +132,7 @@ def prefill(params: Params, decoder: Decoder, prompts: list[list[int]], max_new:
         for b, p in enumerate(prompts):
             toks[b, : len(p) - 1] = p[:-1]
         cache = _prefill(params, cfg, jnp.asarray(toks), cache, jnp.asarray([len(p) - 1 for p in prompts], jnp.int32))
-    return State(
+    state = State(
         cache=cache,
         last=jnp.asarray([p[-1] for p in prompts], jnp.int32),
         out=jnp.zeros((B, max(budgets)), jnp.int32),
@@ -142,6 +142,9 @@ def prefill(params: Params, decoder: Decoder, prompts: list[list[int]], max_new:
         key=jax.random.key(seed),
         stats=decoder.init_stats(B, max(budgets), **init),
     )
+    # Commit every array to its device: jit keys its executable cache on committedness, and the loop's own outputs
+    # are committed, so uncommitted inputs would compile (and lazily JIT kernels) a second time.
+    return jax.tree.map(lambda x: jax.device_put(x, x.sharding), state)
 
 
 @dataclass

@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                        on_update=on_update if stream else None, steps_per_call=8 if stream else 1 << 30, **kw)
         if stream:
             sys.stdout.write(out.flush() + "\n")
+            sys.stdout.flush()
         return res
 
     if args.compare:
