@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -17,11 +18,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 
+from jaxspec import distributed  # noqa: E402
+from jaxspec.batch import run_batch_job  # noqa: E402
 from jaxspec.checkpoint import CheckpointError, cache_dir, load, resolve  # noqa: E402
 from jaxspec.config import SkipMask  # noqa: E402
 from jaxspec.decode import Decoder, Result, generate, result_stats  # noqa: E402
 from jaxspec.profile import PROFILE_NAME, Profile, load_profile  # noqa: E402
 from jaxspec.sampling import Sampling  # noqa: E402
+from jaxspec.sharding import MeshDecoder, make_mesh, param_sharding_fn  # noqa: E402
 from jaxspec.speculative import SpecDecoder  # noqa: E402
 from jaxspec.tokenizer import StreamDecoder  # noqa: E402
 
@@ -29,7 +33,14 @@ from jaxspec.tokenizer import StreamDecoder  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", default="smollm2-135m", help="registered name or checkpoint directory")
-    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--prompt", help="one prompt (or --input for a batch job)")
+    ap.add_argument("--input", help="batch job: JSONL of {\"id\", \"prompt\"} (+ optional max_new_tokens, temperature, "
+                                    "top_k, top_p per row)")
+    ap.add_argument("--output", help="batch job: JSONL results, one line per id, appended; rerun to resume")
+    ap.add_argument("--batch-size", type=int, default=8, help="batch job: rows per batch")
+    ap.add_argument("--on-error", choices=["skip", "reject"], default="skip",
+                    help="batch job: skip malformed input lines (reported by line number) or refuse to start")
+    ap.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--mode", choices=["ar", "ssd"], help="default: ssd when a skip profile exists, else ar")
@@ -77,13 +88,18 @@ def text_of(tok, ids: list[int], eos: tuple[int, ...]) -> str:  # noqa: ANN001
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    distributed.initialize()  # multi-host from the environment; a no-op on one host
+    if (args.prompt is None) == (args.input is None):
+        raise ValueError("give --prompt or --input (a batch job)")
+    if (args.input is None) != (args.output is None):
+        raise ValueError("--input and --output go together")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.max_draft is not None and not 1 <= args.max_draft <= 64:
         raise ValueError(f"--max-draft must be in 1..64, got {args.max_draft}")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
-    if not args.prompt:
+    if args.input is None and not args.prompt:
         raise ValueError("empty prompt")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     # Compiled decode loops persist across runs (XLA's compilation cache), so only the first run pays to compile.
@@ -92,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda *a: print(*a, file=sys.stderr)) if args.verbose else (lambda *a: None)
 
     ckpt_dir = resolve(args.ckpt)
-    cfg, params, tok = load(args.ckpt, dtype=args.dtype)
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    cfg, params, tok = load(args.ckpt, dtype=args.dtype, shardings=param_sharding_fn(mesh) if mesh else None)
     if tok is None:
         raise CheckpointError(f"checkpoint {ckpt_dir} has no tokenizer")
     prof = pick_profile(args, cfg, ckpt_dir)
@@ -102,8 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     if (mode == "ssd" or args.compare) and prof is None:
         raise ValueError("ssd needs a skip mask: --skip-attn/--skip-mlp, --skip-profile, or a profile beside the "
                          "checkpoint (python scripts/search_skip.py)")
-    text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-    ids = tok.encode(text)
     eos = tuple(tok.eos_ids) or cfg.eos_ids
     ar = Decoder(cfg, sampling, eos)
     ssd = None
@@ -112,6 +127,18 @@ def main(argv: list[str] | None = None) -> int:
                           adaptive=not args.fixed_threshold)
         log(f"skip mask: {prof.mask} ({len(prof.mask.attn)} attn + {len(prof.mask.mlp)} mlp of {cfg.n_layers})")
     theta = args.threshold if args.threshold is not None else (prof.threshold if prof else 0.6)
+    if args.input:
+        dec = ssd if mode == "ssd" else ar
+        summary = run_batch_job(args.input, args.output, lambda s: dataclasses.replace(dec, sampling=s), params, tok,
+                                args.batch_size, args.max_new_tokens, default_sampling=sampling, mesh=mesh,
+                                chat=args.chat, seed=args.seed, init={"theta": theta}, on_error=args.on_error)
+        print(json.dumps(summary), file=sys.stderr)
+        return 0
+    if mesh is not None:
+        ar = MeshDecoder.wrap(ar, mesh)
+        ssd = MeshDecoder.wrap(ssd, mesh) if ssd is not None else None
+    text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    ids = tok.encode(text)
 
     def run(decoder: Decoder, stream: bool) -> Result:
         kw = {"theta": theta} if decoder.mode == "ssd" else {}

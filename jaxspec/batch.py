@@ -1,0 +1,351 @@
+"""Batch jobs: prompts from JSONL in, one result line per prompt id out, resumable after a kill.
+
+Input lines are ``{"id": str | int, "prompt": str}`` plus optional per-row ``max_new_tokens``, ``temperature``,
+``top_k``, ``top_p``. A malformed line (bad JSON, missing or duplicate id, empty prompt, unknown key, bad value,
+prompt too long for the context) is reported by line number and, by default, skipped; ``on_error="reject"``
+instead refuses the whole job before generating anything. Blank lines are ignored.
+
+Rows with the same sampling settings share a decoder; they are sorted by (budget, prompt length) and cut into
+batches of ``batch_size`` (padded to a multiple of the mesh's data axis), every batch fixed by the *whole* input,
+with seed ``seed + batch index``. Each result is appended as one complete line ``{"id", "text", "token_ids", "stats"}``
+(write, flush, fsync). A rerun reads the ids already in the output (dropping a truncated last line and rewriting the
+file cleanly), skips the batches whose rows are all there and recomputes any partly written batch whole, writing
+only its missing ids: every id appears exactly once, with the result an uninterrupted run would have given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import jax
+import numpy as np
+
+from jaxspec.decode import Decoder, Result, generate
+from jaxspec.model import Params
+from jaxspec.sampling import Sampling
+from jaxspec.sharding import MeshDecoder, pad_rows, shard_params
+
+SETTINGS: dict[str, type] = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float}
+SAMPLING_KEYS = ("temperature", "top_k", "top_p")
+
+
+class TokenizerLike(Protocol):
+    """What a batch job needs of ``tokenizer.Tokenizer`` (``apply_chat_template`` only with ``chat``)."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str: ...
+
+
+class BatchInputError(ValueError):
+    """The input file is unreadable, or malformed lines were found with ``on_error="reject"``."""
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str | int
+    prompt: str
+    line: int  # 1-based line number in the input
+    settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return json.dumps(self.id)
+
+
+def parse_line(text: str, line: int) -> Row:
+    """One input line → ``Row``; ``ValueError`` with the reason when it is malformed."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - {"id", "prompt", *SETTINGS})
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} (allowed: id, prompt, {', '.join(SETTINGS)})")
+    rid = obj.get("id")
+    if isinstance(rid, bool) or not isinstance(rid, str | int) or rid == "":
+        raise ValueError(f"'id' must be a non-empty string or an integer, got {rid!r}")
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"'prompt' must be a non-empty string, got {prompt!r}")
+    settings = {}
+    for k, typ in SETTINGS.items():
+        if k in obj:
+            v = obj[k]
+            if isinstance(v, bool) or not isinstance(v, int | float) or (typ is int and not float(v).is_integer()):
+                raise ValueError(f"{k!r} must be {'an integer' if typ is int else 'a number'}, got {v!r}")
+            settings[k] = typ(v)
+    if settings.get("max_new_tokens", 1) < 1:
+        raise ValueError(f"'max_new_tokens' must be >= 1, got {settings['max_new_tokens']}")
+    Sampling(**{k: settings[k] for k in SAMPLING_KEYS if k in settings})  # raises ValueError on bad values
+    return Row(rid, prompt, line, settings)
+
+
+def read_rows(path: str | Path) -> tuple[list[Row], list[tuple[int, str]]]:
+    """Valid rows of a JSONL file and ``(line number, reason)`` per malformed line (duplicates included)."""
+    rows: list[Row] = []
+    errors: list[tuple[int, str]] = []
+    first: dict[str, int] = {}
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise BatchInputError(f"{path}: cannot read input ({e.strerror})") from None
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    for n, raw in enumerate(lines, 1):
+        try:
+            text = raw.decode("utf-8")
+            if not text.strip():
+                continue
+            row = parse_line(text, n)
+            if row.key in first:
+                raise ValueError(f"duplicate id {row.id!r} (first on line {first[row.key]})")
+        except UnicodeDecodeError:
+            errors.append((n, "not valid UTF-8"))
+            continue
+        except ValueError as e:
+            errors.append((n, str(e)))
+            continue
+        first[row.key] = n
+        rows.append(row)
+    return rows, errors
+
+
+# ---- output ------------------------------------------------------------------------------------------------
+
+def _atomic_rewrite(path: Path, lines: list[bytes]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def done_ids(path: str | Path, log: Callable[[str], None] = lambda s: None) -> tuple[set[str], bool]:
+    """Ids (as ``Row.key``) already in the output, and whether the file was replaced (reopen it then).
+
+    A truncated last line (a kill mid-write) is cut off in place; unparsable lines or repeated ids elsewhere
+    (not written by this module) make an atomic rewrite of the file without them.
+    """
+    path = Path(path)
+    if not path.exists():
+        return set(), False
+    data = path.read_bytes()
+    parts = data.split(b"\n")
+    tail = parts.pop()  # after the final newline: b"" unless the last line is truncated
+    keep, seen, bad = [], set(), 0
+    for part in parts:
+        try:
+            key = json.dumps(json.loads(part)["id"])
+        except (ValueError, KeyError, TypeError):
+            bad += 1
+            continue
+        if key in seen:
+            bad += 1
+            continue
+        seen.add(key)
+        keep.append(part + b"\n")
+    if tail or bad:
+        log(f"{path}: dropping {bad + bool(tail)} incomplete or invalid line(s) left by an interrupted run")
+    if bad:
+        _atomic_rewrite(path, keep)
+    elif tail:
+        os.truncate(path, len(data) - len(tail))
+    return seen, bool(bad)
+
+
+def append_line(f: Any, obj: Mapping[str, Any]) -> None:
+    """Append ``obj`` as one JSON line with a single write, then flush and fsync: durable once this returns."""
+    f.write((json.dumps(obj, ensure_ascii=False) + "\n").encode())
+    f.flush()
+    os.fsync(f.fileno())
+
+
+# ---- planning ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    index: int
+    decoder: Decoder
+    rows: list[Row]
+    ids: list[list[int]]  # prompt token ids per row
+    budgets: list[int]
+
+
+def plan_batches(rows: list[Row], ids: Mapping[str, list[int]], decoder_factory: Callable[[Sampling], Decoder],
+                 default_sampling: Sampling, default_max_new: int, batch_size: int) -> list[Batch]:
+    """Group rows by decoder (sampling settings), sort each group by (budget, prompt length), cut into batches."""
+    groups: dict[Decoder, list[Row]] = {}
+    for row in rows:
+        s = dataclasses.replace(default_sampling, **{k: row.settings[k] for k in SAMPLING_KEYS if k in row.settings})
+        groups.setdefault(decoder_factory(s), []).append(row)
+    batches: list[Batch] = []
+    for dec, group in groups.items():  # equal budgets together: the loop's output width is the largest budget
+        group = sorted(group, key=lambda r: (r.settings.get("max_new_tokens", default_max_new), len(ids[r.key])))
+        for i in range(0, len(group), batch_size):
+            chunk = group[i: i + batch_size]
+            batches.append(Batch(len(batches), dec, chunk, [ids[r.key] for r in chunk],
+                                 [int(r.settings.get("max_new_tokens", default_max_new)) for r in chunk]))
+    return batches
+
+
+def _open_locked(path: Path) -> Any:
+    """Open the output for appending, holding an exclusive lock: one job per output file."""
+    f = open(path, "ab")  # noqa: SIM115 - the caller closes it
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise BatchInputError(f"{path} is being written by another batch job") from None
+    return f
+
+
+def _agree(todo: np.ndarray) -> np.ndarray:
+    """Process 0's list of batches to run, on every process (they must run the same batches in lockstep)."""
+    if jax.process_count() == 1:
+        return todo
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(todo))
+
+
+def _row_stats(res: Result, b: int, decoder: Decoder, batch: Batch) -> dict[str, Any]:
+    toks = res.tokens[b]
+    st: dict[str, Any] = {"prompt_tokens": res.prompt_tokens[b], "new_tokens": len(toks),
+                          "finish": "eos" if toks and toks[-1] in decoder.eos_ids else "length",
+                          "mode": decoder.mode, "batch": batch.index, "batch_rows": len(batch.rows),
+                          "batch_tokens_per_s": round(res.tokens_per_s, 2)}
+    if "drafted" in res.stats:
+        d, a, c = (int(res.stats[k][b]) for k in ("drafted", "accepted", "verify_calls"))
+        st.update(drafted=d, accepted=a, verify_calls=c, acceptance_rate=round(a / d, 4) if d else 0.0,
+                  theta=round(float(res.stats["theta"][b]), 4))
+    return st
+
+
+def run_batch_job(input_path: str | Path, output_path: str | Path, decoder_factory: Callable[[Sampling], Decoder],
+                  params: Params, tokenizer: TokenizerLike, batch_size: int, default_max_new: int, *,
+                  default_sampling: Sampling | None = None, mesh: jax.sharding.Mesh | None = None, chat: bool = False,
+                  seed: int = 0, init: Mapping[str, float] | None = None,
+                  on_error: Literal["skip", "reject"] = "skip", progress: bool = True,
+                  on_result: Callable[[dict[str, Any]], None] | None = None,
+                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every prompt of ``input_path`` not yet in ``output_path``; returns a summary dict.
+
+    ``decoder_factory(sampling)`` gives the (AR or SSD) decoder for a row's sampling settings (the defaults
+    overridden per row). With ``mesh``, decoders run as ``sharding.MeshDecoder`` with rows split over the data
+    axis and ``params`` are placed on the mesh (a no-op when loaded there). ``init`` (e.g. ``{"theta": 0.6}``)
+    goes to SSD decoders' ``init_stats``. ``on_result`` sees each result once its line is durable. Only process 0
+    writes the output in a multi-process job. Malformed input lines are reported through ``log`` (default:
+    stderr) and skipped, or, with ``on_error="reject"``, raise ``BatchInputError`` before anything runs.
+    """
+    if on_error not in ("skip", "reject"):
+        raise ValueError(f"on_error must be 'skip' or 'reject', got {on_error!r}")
+    if batch_size < 1 or default_max_new < 1:
+        raise ValueError("batch size and max new tokens must be >= 1")
+    default_sampling = default_sampling or Sampling()
+    log = log or (lambda s: print(f"jaxspec batch: {s}", file=sys.stderr, flush=True))
+    writer = jax.process_index() == 0
+    rows, bad = read_rows(input_path)
+    ids: dict[str, list[int]] = {}
+    valid = []
+    context = decoder_factory(default_sampling).cfg.max_seq_len
+    for row in rows:  # tokenize up front: too-long prompts are input errors too, reported by line
+        text = tokenizer.apply_chat_template([{"role": "user", "content": row.prompt}]) if chat else row.prompt
+        toks = list(tokenizer.encode(text))
+        budget = int(row.settings.get("max_new_tokens", default_max_new))
+        if not toks:
+            bad.append((row.line, "prompt encodes to no tokens"))
+        elif len(toks) + budget > context:
+            bad.append((row.line, f"prompt ({len(toks)} tokens) + {budget} new tokens exceed the context ({context})"))
+        else:
+            ids[row.key] = toks
+            valid.append(row)
+    errors = [f"line {n}: {msg}" for n, msg in sorted(bad)]
+    if errors and on_error == "reject":
+        raise BatchInputError(f"{input_path}: {len(errors)} malformed line(s), nothing run: " + "; ".join(errors))
+    for e in errors:
+        log(f"{input_path}: skipping {e}")
+
+    width = pad_rows(batch_size, mesh)
+    batches = plan_batches(valid, ids, decoder_factory, default_sampling, default_max_new, batch_size)
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    out = None
+    try:
+        done: set[str] = set()
+        if writer:
+            out = _open_locked(output_path)
+            done, replaced = done_ids(output_path, log)
+            if replaced:
+                out.close()
+                out = _open_locked(output_path)
+        todo = _agree(np.asarray([any(r.key not in done for r in b.rows) for b in batches], bool))
+        n_done = sum(r.key in done for r in valid)
+        summary = {"rows": len(valid), "malformed": errors, "already_done": n_done, "written": 0,
+                   "batches": int(todo.sum()), "new_tokens": 0}
+        if mesh is not None and batches:
+            params = shard_params(params, batches[0].decoder.cfg, mesh)
+        bar = None
+        if progress and writer:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(valid) - n_done, unit="row", desc="batch job", file=sys.stderr)
+        t0 = time.perf_counter()
+        for batch in (b for b, t in zip(batches, todo, strict=True) if t):
+            dec = batch.decoder if mesh is None else MeshDecoder.wrap(batch.decoder, mesh)
+            pad = width - len(batch.rows)  # fixed batch shape: pad with copies of the first row, budget 1
+            kw = dict(init or {}) if dec.mode == "ssd" else {}
+            res = generate(dec, params, batch.ids + [batch.ids[0]] * pad, batch.budgets + [1] * pad,
+                           seed=seed + batch.index, **kw)
+            for b, row in enumerate(batch.rows):
+                if row.key in done:
+                    continue
+                toks, st = res.tokens[b], _row_stats(res, b, batch.decoder, batch)
+                text = tokenizer.decode(toks[:-1] if st["finish"] == "eos" else toks)  # as generate.py: no EOS
+                result = {"id": row.id, "text": text, "token_ids": toks, "stats": st}
+                summary["new_tokens"] += len(toks)
+                if out is not None:
+                    append_line(out, result)
+                    summary["written"] += 1
+                done.add(row.key)
+                if on_result is not None:
+                    on_result(result)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(f"{summary['new_tokens'] / (time.perf_counter() - t0):.1f} tok/s")
+        summary["elapsed_s"] = round(time.perf_counter() - t0, 3)
+        summary["tokens_per_s"] = round(summary["new_tokens"] / max(summary["elapsed_s"], 1e-9), 2)
+        if bar is not None:
+            bar.close()
+        return summary
+    finally:
+        if out is not None:
+            out.close()
+
+
+def iter_results(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The complete result lines of an output file."""
+    with open(path, "rb") as f:
+        for line in f:
+            if line.endswith(b"\n"):
+                yield json.loads(line)
