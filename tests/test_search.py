@@ -1,0 +1,191 @@
+"""Skip-mask search: the proxy against real SSD runs, the noise handling of real timings, the optimizer, a whole
+search on the tiny model, profiles (round trip, wrong model refused), calibration data and the CLI's errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tinymodel
+
+from jaxspec import data
+from jaxspec.config import PRESETS, SkipMask
+from jaxspec.decode import Result, generate
+from jaxspec.profile import PRESETS as PROFILE_PRESETS
+from jaxspec.profile import load_profile, model_id, save_profile
+from jaxspec.search import (
+    Candidate,
+    Proxy,
+    SearchOptions,
+    calibrate,
+    mask_to_x,
+    measure,
+    optimize,
+    robust_speedup,
+    search,
+    simulate,
+    starting_points,
+    threshold_step,
+    x_to_mask,
+)
+from jaxspec.speculative import SpecDecoder, update_threshold
+
+CFG = tinymodel.CFG
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [tinymodel.progression(a, s, n) for a, s, n in [(5, 1, 10), (9, 2, 20), (30, 3, 7), (100, 4, 15), (7, 1, 3)]]
+
+
+@pytest.fixture(scope="module")
+def params():
+    return tinymodel.trained()
+
+
+@pytest.fixture(scope="module")
+def calib(params):
+    return calibrate(params, CFG, PROMPTS, 20, CFG.eos_ids)
+
+
+def test_proxy_full_model_agrees_and_prefix_reuse_is_exact(params, calib):
+    reuse, fresh = Proxy(params, CFG, calib, rows=2), Proxy(params, CFG, calib, rows=2, keep=0)
+    agree, _ = reuse(SkipMask())
+    assert agree[calib.valid].all()  # the draft without skipping is the full model
+    for mask in (SkipMask(attn=(1,)), SkipMask(attn=(1, 3)), SkipMask(attn=(1,), mlp=(2, 3))):
+        (a1, c1), (a2, c2) = reuse(mask), fresh(mask)
+        np.testing.assert_array_equal(a1, a2)
+        np.testing.assert_allclose(c1, c2, rtol=1e-5)
+    assert reuse.layers_run < fresh.layers_run
+
+
+@pytest.mark.parametrize("max_draft", [1, 3])
+def test_simulation_replays_real_ssd(params, calib, max_draft):
+    """With one draft per cycle the draft always sees the full model's KV, so the replay is exact; with more it
+    sees its own KV for earlier drafts, and the replay is close."""
+    mask = SkipMask(attn=(1, 3), mlp=(1, 3))
+    agree, conf = Proxy(params, CFG, calib, rows=5)(mask)
+    sim = simulate(agree, conf, calib.lengths, max_draft, 0.6)
+    real = {k: [] for k in ("verify_calls", "drafted", "accepted")}
+    for p in PROMPTS:
+        r = generate(SpecDecoder(CFG, eos_ids=CFG.eos_ids, skip=mask, max_draft=max_draft), params, [p], 20)
+        for k in real:
+            real[k].append(r.stats[k][0])
+    got = {"verify_calls": sim.cycles, "drafted": sim.drafted, "accepted": sim.accepted}
+    for k, v in real.items():
+        if max_draft == 1:
+            assert got[k].tolist() == v, k
+        else:
+            assert abs(got[k].sum() - sum(v)) <= 0.1 * sum(v) + 2, (k, got[k].tolist(), v)
+
+
+def test_threshold_step_matches_the_decoder_rule():
+    rng = np.random.default_rng(0)
+    theta, m = rng.random(50), rng.random(50)
+    n_draft = rng.integers(0, 6, 50)
+    n_acc = np.minimum(rng.integers(0, 6, 50), n_draft)
+    ours = threshold_step(theta, m, n_acc, n_draft, 5)
+    ref = update_threshold(jnp.asarray(theta, jnp.float32), jnp.asarray(m, jnp.float32), jnp.asarray(n_acc),
+                           jnp.asarray(n_draft), 5)
+    for a, b in zip(ours, ref, strict=True):
+        np.testing.assert_allclose(a, np.asarray(b), rtol=1e-5)
+
+
+def test_real_timing_excludes_warmup_and_outliers():
+    """Fake decode runs: the warm-up runs are very slow, and one round's SSD runs stall; neither moves the figures."""
+    calls = []
+
+    def fake(decoder, params, prompts, max_new, **kw) -> Result:
+        calls.append(decoder.mode)
+        n = len(calls)
+        rate = 100.0 if decoder.mode == "ar" else 150.0  # tokens/s: SSD is 1.5x
+        secs = 10 / rate * (50 if n <= 2 else 1)  # the two warm-up runs
+        if 6 < n <= 10 and decoder.mode == "ssd":  # round 2 of 3: the SSD runs stall 3x
+            secs *= 3
+        stats = {"drafted": [4], "accepted": [3], "verify_calls": [2]} if decoder.mode == "ssd" else {}
+        return Result([[1] * 10], [3], 0.01, secs, 5.0, stats)
+
+    ar, t = measure(None, CFG, [[1, 2, 3], [4, 5, 6]], 10, (0,), [Candidate("c", SkipMask(attn=(1,)))], 3, run=fake)
+    assert len(calls) == 2 + 3 * 2 * 2
+    assert t.speedup == pytest.approx(1.5) and ar.tokens_per_s == pytest.approx(100.0)
+    assert t.tokens_per_s == pytest.approx(150.0) and t.lossless and t.acceptance_rate == pytest.approx(0.75)
+    assert robust_speedup([100, 100, 20], [150, 150, 90]) == pytest.approx(1.5)
+
+
+def test_masks_and_starting_points():
+    for n in (4, 30, 40, 80):
+        starts = starting_points(n)
+        assert starts["none"] == SkipMask()
+        for m in starts.values():
+            m.validate(n)
+            assert x_to_mask(mask_to_x(m, n)) == m
+    assert "preset:llama-2-70b" in starting_points(80) and "preset:llama-2-13b" in starting_points(40)
+    assert not any(k.startswith("preset:") for k in starting_points(30))
+
+
+def test_gp_beats_random_on_a_synthetic_objective():
+    """Five helpful sublayers among 24; every other skipped sublayer hurts. Equal budgets, same starts."""
+    good = np.zeros(24, bool)
+    good[[3, 7, 11, 15, 19]] = True
+
+    def best(method: str) -> float:
+        ys = []
+        optimize(lambda x: ys.append(-(1 + 0.1 * (x & good).sum() - 0.15 * (x & ~good).sum())) or ys[-1],
+                 24, 30, [np.zeros(24, int)], method, n_initial=6, seed=0)
+        return -min(ys)
+
+    assert best("gp") > best("random")
+
+
+def test_search_tiny_model_writes_a_valid_profile(params, tmp_path):
+    opts = SearchOptions(budget=6, max_new=16, drafts=(3,), thetas=(0.6,), n_initial=2, top=1, real_prompts=2,
+                         repeats=1)
+    res = search(params, CFG, PROMPTS, CFG.eos_ids, opts, progress=False)
+    prof, info = res.profile, res.profile.info
+    assert prof.model_id == model_id(CFG) and prof.max_draft == 3
+    assert len(res.trace) == 6 and {t["source"] for t in res.trace[:3]} >= {"none", "every-other-middle"}
+    assert info["budget"] == 6 and info["device"]["platform"] == "cpu" and "objective" in info
+    assert prof.use_ssd == (info["speedup"] > 1.0)
+    assert ("note" in info) == (not prof.use_ssd)
+    assert 0.0 <= res.report["compile_share"] <= 1.0 and info["candidates"][1]["lossless"]
+    # Round trip through JSON, then refused for another model.
+    path = tmp_path / "skip_profile.json"
+    save_profile(path, prof)
+    back = load_profile(path, CFG)
+    assert back.mask == prof.mask and back.use_ssd == prof.use_ssd and back.info["trace"] == json.loads(
+        json.dumps(res.trace))
+    with pytest.raises(ValueError, match="another model"):
+        load_profile(path, PRESETS["tiny-tied"])
+    with pytest.raises(ValueError, match="40-layer"):
+        load_profile(next(iter(PROFILE_PRESETS)), CFG)
+
+
+def test_builtin_calibration_set_is_small_and_labelled():
+    rows = data.calibration("builtin")
+    assert len(rows) == 24 and data.BUILTIN.stat().st_size < 16_000
+    assert {r["task"] for r in rows} == set(data.TASKS)
+    code = [int(r["id"].split("/")[1]) for r in rows if r["task"] == "code"]
+    assert all(i % 2 == 0 for i in code)  # even HumanEval indices only: odd ones are for evaluation
+    assert (data.BUILTIN.parent / "NOTICE.md").is_file()
+
+
+def test_calibration_file_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"prompt": "no text"}\n')
+    with pytest.raises(data.DataError, match="line"):
+        data.read_jsonl(bad)
+    with pytest.raises(data.DataError, match="not found"):
+        data.calibration(str(tmp_path / "missing.jsonl"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ckpt", "tiny", "--budget", "0"], "--budget must be >= 1"),
+    (["--ckpt", "tiny", "--calib", "/nonexistent.jsonl"], "not found"),
+    (["--ckpt", "no-such-model"], "unknown checkpoint"),
+])
+def test_cli_errors(argv, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "search_skip.py"), *argv], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1]
