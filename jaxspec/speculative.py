@@ -111,14 +111,16 @@ class SpecDecoder(Decoder):
             active = active & (n_draft < room - 1)
             logits, cache = forward(params, self.cfg, tok[:, None], cache, self.skip)
             logits = logits[:, 0]
-            key, sub = jax.random.split(key)
             if greedy:
                 nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
             else:
+                key, sub = jax.random.split(key)
                 qd = probs(logits, self.sampling)
                 nxt = sample_probs(sub, qd)
                 q = q.at[:, d].set(qd)
-            conf = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
+            # Top-1 probability of the raw draft distribution: max softmax = 1 / sum(exp(logits - max)), one pass.
+            top = jnp.max(logits, axis=-1, keepdims=True)
+            conf = 1.0 / jnp.sum(jnp.exp(logits - top), axis=-1)
             drafts = drafts.at[:, d].set(jnp.where(active, nxt, 0))
             n_draft = n_draft + active
             active = active & (conf >= theta) & ~jnp.isin(nxt, eos)
