@@ -20,7 +20,6 @@ import fcntl
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import jax
 import numpy as np
 
 from jaxspec.decode import Decoder, Result, generate
+from jaxspec.files import atomic_write
 from jaxspec.model import Params
 from jaxspec.sampling import Sampling
 from jaxspec.sharding import MeshDecoder, pad_rows, shard_params
@@ -128,19 +128,6 @@ def read_rows(path: str | Path) -> tuple[list[Row], list[tuple[int, str]]]:
 
 # ---- output ------------------------------------------------------------------------------------------------
 
-def _atomic_rewrite(path: Path, lines: list[bytes]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def done_ids(path: str | Path, log: Callable[[str], None] = lambda s: None) -> tuple[set[str], bool]:
     """Ids (as ``Row.key``) already in the output, and whether the file was replaced (reopen it then).
 
@@ -168,7 +155,7 @@ def done_ids(path: str | Path, log: Callable[[str], None] = lambda s: None) -> t
     if tail or bad:
         log(f"{path}: dropping {bad + bool(tail)} incomplete or invalid line(s) left by an interrupted run")
     if bad:
-        _atomic_rewrite(path, keep)
+        atomic_write(path, keep)
     elif tail:
         os.truncate(path, len(data) - len(tail))
     return seen, bool(bad)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from jaxspec.config import Config, SkipMask
+from jaxspec.files import atomic_write
 from jaxspec.model import param_shapes
 
 PROFILE_NAME = "skip_profile.json"
@@ -90,7 +89,4 @@ def save_profile(path: str | Path, prof: Profile) -> None:
     """Write a profile atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".profile-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(prof.to_json(), f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(prof.to_json(), indent=1).encode())

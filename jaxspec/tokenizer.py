@@ -18,7 +18,6 @@ import functools
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +31,8 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+from jaxspec.files import atomic_write
 
 __all__ = ["StreamDecoder", "Tokenizer"]
 
@@ -57,21 +58,6 @@ def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
         split = pre_tokenizers.Split(tokenizers.Regex(_LLAMA3_REGEX), behavior="isolated")
         return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     raise ValueError(f"unsupported GGUF byte-level pre-tokenizer {pre!r} (known: smollm, gpt-2, llama-bpe)")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _content(tok: Any) -> str | None:
@@ -231,9 +217,9 @@ class Tokenizer:
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
         if self._sp is not None:
-            _atomic_write(root / "tokenizer.model", self._sp.serialized_model_proto())
+            atomic_write(root / "tokenizer.model", self._sp.serialized_model_proto())
         else:
-            _atomic_write(root / "tokenizer.json", self._hf.to_str().encode("utf-8"))
+            atomic_write(root / "tokenizer.json", self._hf.to_str().encode("utf-8"))
             (root / "tokenizer.model").unlink(missing_ok=True)
         cfg = {
             "add_bos_token": self.add_bos,
@@ -243,7 +229,7 @@ class Tokenizer:
             "eos_token_ids": list(self.eos_ids),
             "chat_template": self.chat_template,
         }
-        _atomic_write(root / "tokenizer_config.json", json.dumps(cfg, indent=2, ensure_ascii=False).encode("utf-8"))
+        atomic_write(root / "tokenizer_config.json", json.dumps(cfg, indent=2, ensure_ascii=False).encode("utf-8"))
 
     # ------------------------------------------------------------------------------------------------ vocabulary
 
