@@ -188,13 +188,11 @@ def mlp(layer: Layer, x: Array) -> Array:
     return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer.w_down)
 
 
-def hidden(params: Params, cfg: Config, tokens: Array, cache: KVCache, skip: SkipMask = SkipMask(),
-           gates: tuple[Array, Array] | None = None) -> tuple[Array, KVCache]:
+def hidden(params: Params, cfg: Config, tokens: Array, cache: KVCache,
+           skip: SkipMask = SkipMask()) -> tuple[Array, KVCache]:
     """Final-norm hidden states of a (B, T) chunk appended at each row's ``cache.lengths``.
 
-    ``skip`` (static) removes sublayers from the computation. ``gates`` — traced (n_layers,) attention and MLP
-    multipliers in {0, 1} — instead computes every sublayer and scales its output, so one compiled function
-    evaluates any mask (the skip search's proxy; not a fast path).
+    ``skip`` (static) removes sublayers from the computation.
     """
     start = cache.lengths
     positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
@@ -204,10 +202,10 @@ def hidden(params: Params, cfg: Config, tokens: Array, cache: KVCache, skip: Ski
         if i not in skip.attn:
             h, ks[i], vs[i] = attention(layer, rms_norm(x, layer.attn_norm, cfg.norm_eps), ks[i], vs[i],
                                         positions, start, cfg)
-            x = x + (h if gates is None else gates[0][i].astype(h.dtype) * h)
+            x = x + h
         if i not in skip.mlp:
             h = mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps))
-            x = x + (h if gates is None else gates[1][i].astype(h.dtype) * h)
+            x = x + h
     x = rms_norm(x, params.norm, cfg.norm_eps)
     return x, KVCache(k=tuple(ks), v=tuple(vs), lengths=start + tokens.shape[1])
 
@@ -219,8 +217,8 @@ def logits_of(params: Params, x: Array) -> Array:
     return jnp.einsum("...d,dv->...v", x, params.lm_head, preferred_element_type=jnp.float32)
 
 
-def forward(params: Params, cfg: Config, tokens: Array, cache: KVCache, skip: SkipMask = SkipMask(),
-            gates: tuple[Array, Array] | None = None) -> tuple[Array, KVCache]:
+def forward(params: Params, cfg: Config, tokens: Array, cache: KVCache,
+            skip: SkipMask = SkipMask()) -> tuple[Array, KVCache]:
     """Logits (B, T, vocab) of a chunk and the cache with the chunk appended (lengths advanced by T)."""
-    x, cache = hidden(params, cfg, tokens, cache, skip, gates)
+    x, cache = hidden(params, cfg, tokens, cache, skip)
     return logits_of(params, x), cache

@@ -117,12 +117,3 @@ def test_config_validation_and_hf_round_trip():
     with pytest.raises(ValueError, match="outside"):
         SkipMask(mlp=(40,)).validate(40)
 
-
-def test_traced_gates_equal_static_skip(model):
-    cfg, params = model
-    mask = SkipMask(attn=(0, 3), mlp=(1,))
-    gates = (jnp.asarray([0.0, 1, 1, 0]), jnp.asarray([1.0, 0, 1, 1]))
-    cache = KVCache.create(cfg, 1, 32)
-    static, _ = forward(params, cfg, TOKS, cache, mask)
-    traced, _ = jax.jit(_forward, static_argnums=(1, 4))(params, cfg, TOKS, cache, SkipMask(), gates)
-    np.testing.assert_allclose(traced, static, atol=2e-5, rtol=1e-5)
