@@ -19,7 +19,7 @@ from jaxspec.model import param_shapes
 PROFILE_NAME = "skip_profile.json"
 
 # Draft & Verify's published masks (their repository's skip_layers.json), 0-based layer indices.
-PRESETS: dict[str, tuple[int, SkipMask]] = {
+PUBLISHED_MASKS: dict[str, tuple[int, SkipMask]] = {
     "llama-2-13b": (40, SkipMask(
         attn=(3, 5, 6, 8, 10, 11, 14, 15, 18, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 33, 34, 35, 36, 37),
         mlp=(6, 9, 10, 11, 15, 24, 25, 27, 28, 35))),
@@ -67,15 +67,15 @@ class Profile:
 
 def load_profile(path: str | Path, cfg: Config) -> Profile:
     """Read a profile (a file path or a preset name) and check it fits ``cfg``; ``ValueError`` otherwise."""
-    if str(path) in PRESETS:
-        n_layers, mask = PRESETS[str(path)]
+    if str(path) in PUBLISHED_MASKS:
+        n_layers, mask = PUBLISHED_MASKS[str(path)]
         if n_layers != cfg.n_layers:
             raise ValueError(f"preset {path!r} is for {n_layers}-layer models; this model has {cfg.n_layers} layers")
         return Profile(mask=mask, model_id=model_id(cfg), info={"preset": str(path)})
     try:
         prof = Profile.from_json(json.loads(Path(path).read_text()))
     except FileNotFoundError:
-        raise ValueError(f"skip profile {path} not found (nor a preset: {', '.join(PRESETS)})") from None
+        raise ValueError(f"skip profile {path} not found (nor a preset: {', '.join(PUBLISHED_MASKS)})") from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"skip profile {path} is not a valid profile ({e})") from None
     if prof.model_id is not None and prof.model_id != model_id(cfg):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,15 +61,16 @@ def accept_sample(key: Array, drafts: Array, n_draft: Array, q: Array, p: Array)
 
 
 def update_threshold(theta: Array, m: Array, n_acc: Array, n_draft: Array, max_draft: int,
-                     step: float = 0.01, target: float = 0.9, alpha: float = 0.5, beta: float = 0.9
-                     ) -> tuple[Array, Array]:
-    """The paper's adaptive θ rule, per row; rows that drafted nothing keep θ and m."""
-    r = n_acc / jnp.maximum(n_draft, 1)
+                     step: float = 0.01, target: float = 0.9, alpha: float = 0.5, beta: float = 0.9,
+                     xp: Any = jnp) -> tuple[Array, Array]:
+    """The paper's adaptive θ rule, per row; rows that drafted nothing keep θ and m. ``xp``: the array module
+    (``numpy`` for the skip search's simulator, which replays this same rule on the host)."""
+    r = n_acc / xp.maximum(n_draft, 1)
     m_new = alpha * m + (1 - alpha) * r
-    goal = jnp.where(m_new < target, theta + step, jnp.where(n_draft >= max_draft, theta, theta - step))
+    goal = xp.where(m_new < target, theta + step, xp.where(n_draft >= max_draft, theta, theta - step))
     theta_new = beta * theta + (1 - beta) * goal
     drafted = n_draft > 0
-    return jnp.where(drafted, theta_new, theta), jnp.where(drafted, m_new, m)
+    return xp.where(drafted, theta_new, theta), xp.where(drafted, m_new, m)
 
 
 @dataclass(frozen=True)

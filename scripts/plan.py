@@ -4,9 +4,9 @@ and report per-device memory (weights, KV cache, XLA temporaries) against a devi
     python scripts/plan.py --ckpt llama2-70b --mesh 1x8 --batch 8 --max-len 4096 --dtype bfloat16
 
 The config comes from the converted checkpoint when there is one, else from ``config.PRESETS``; the draft skips the
-sublayers of the checkpoint's skip profile or a profile preset (``profile.PRESETS``, e.g. ``llama-2-70b``). Devices
-are simulated CPU devices (``--xla_force_host_platform_device_count``), so temporaries are XLA:CPU's estimate; GPU
-and TPU layouts and fusions differ somewhat.
+sublayers of the checkpoint's skip profile or a published mask (``profile.PUBLISHED_MASKS``, e.g. ``llama-2-70b``).
+Devices are simulated CPU devices (``--xla_force_host_platform_device_count``), so temporaries are XLA:CPU's
+estimate; GPU and TPU layouts and fusions differ somewhat.
 """
 
 from __future__ import annotations
@@ -57,8 +57,7 @@ def config_and_mask(args: argparse.Namespace):  # noqa: ANN201 - (Config, SkipMa
     """The model config (converted checkpoint, else preset) and the draft's skip mask with where it came from."""
     from jaxspec import checkpoint
     from jaxspec.config import PRESETS, SkipMask
-    from jaxspec.profile import PRESETS as PROFILES
-    from jaxspec.profile import PROFILE_NAME, load_profile
+    from jaxspec.profile import PROFILE_NAME, PUBLISHED_MASKS, load_profile
 
     ckpt, skip_profile = args.ckpt, args.skip_profile
     reg = checkpoint.registry()
@@ -77,7 +76,7 @@ def config_and_mask(args: argparse.Namespace):  # noqa: ANN201 - (Config, SkipMa
         skip_profile = str(path / PROFILE_NAME)
     if skip_profile is None:
         guess = re.sub(r"^(llama|codellama)(\d)", r"\1-\2", ckpt)  # llama2-70b -> llama-2-70b
-        skip_profile = guess if guess in PROFILES else ckpt
+        skip_profile = guess if guess in PUBLISHED_MASKS else ckpt
     prof = load_profile(skip_profile, cfg)
     return cfg, prof.mask, source, skip_profile
 

@@ -14,8 +14,7 @@ import tinymodel
 from jaxspec import data
 from jaxspec.config import PRESETS, SkipMask
 from jaxspec.decode import Result, generate
-from jaxspec.profile import PRESETS as PROFILE_PRESETS
-from jaxspec.profile import load_profile, model_id, save_profile
+from jaxspec.profile import PUBLISHED_MASKS, load_profile, model_id, save_profile
 from jaxspec.search import (
     Candidate,
     Proxy,
@@ -28,7 +27,6 @@ from jaxspec.search import (
     search,
     simulate,
     starting_points,
-    threshold_step,
     x_to_mask,
 )
 from jaxspec.speculative import SpecDecoder, update_threshold
@@ -79,12 +77,14 @@ def test_simulation_replays_real_ssd(params, calib, max_draft):
             assert abs(got[k].sum() - sum(v)) <= 0.1 * sum(v) + 2, (k, got[k].tolist(), v)
 
 
-def test_threshold_step_matches_the_decoder_rule():
+def test_threshold_rule_on_numpy_matches_the_decoder():
+    """The simulator replays ``update_threshold`` with NumPy (float64): same values as the on-device float32 run."""
     rng = np.random.default_rng(0)
     theta, m = rng.random(50), rng.random(50)
     n_draft = rng.integers(0, 6, 50)
     n_acc = np.minimum(rng.integers(0, 6, 50), n_draft)
-    ours = threshold_step(theta, m, n_acc, n_draft, 5)
+    ours = update_threshold(theta, m, n_acc, n_draft, 5, xp=np)
+    assert all(isinstance(a, np.ndarray) for a in ours)
     ref = update_threshold(jnp.asarray(theta, jnp.float32), jnp.asarray(m, jnp.float32), jnp.asarray(n_acc),
                            jnp.asarray(n_draft), 5)
     for a, b in zip(ours, ref, strict=True):
@@ -157,7 +157,7 @@ def test_search_tiny_model_writes_a_valid_profile(params, tmp_path):
     with pytest.raises(ValueError, match="another model"):
         load_profile(path, PRESETS["tiny-tied"])
     with pytest.raises(ValueError, match="40-layer"):
-        load_profile(next(iter(PROFILE_PRESETS)), CFG)
+        load_profile(next(iter(PUBLISHED_MASKS)), CFG)
 
 
 def test_builtin_calibration_set_is_small_and_labelled():

@@ -1,0 +1,59 @@
+"""The draft policy (stop below θ, at ``max_draft`` or at the budget; the adaptive θ rule) replayed over
+per-position draft agreements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from jaxspec.speculative import update_threshold
+
+
+@dataclass
+class SimulatedRun:
+    """Per-row totals of a replayed SSD run."""
+
+    cycles: np.ndarray
+    draft_steps: np.ndarray
+    drafted: np.ndarray
+    accepted: np.ndarray
+
+
+def simulate(agree: np.ndarray, conf: np.ndarray, lengths: np.ndarray, max_draft: int, theta: float | np.ndarray,
+             adaptive: bool = True) -> SimulatedRun:
+    """Replay ``SpecDecoder``'s greedy cycles over teacher-forced draft agreements/confidences (B, C).
+
+    Drafting stops after a token whose confidence is below θ, at ``max_draft``, or one token before the row's
+    budget (then the loop still runs one idle step, as the real loop does); the longest agreeing prefix is accepted
+    plus the full model's token. A drafted token's agreement and confidence are taken from the position it would
+    fill, as if every earlier draft had been right (only the accepted prefix counts, so that is exact for it).
+    """
+    B, C = agree.shape
+    K = max_draft
+    A = np.concatenate([agree, np.zeros((B, K), bool)], axis=1)
+    F = np.concatenate([conf, np.zeros((B, K))], axis=1)
+    rows, ks = np.arange(B)[:, None], np.arange(K)[None]
+    p = np.zeros(B, np.int64)
+    th = np.broadcast_to(np.asarray(theta, np.float64), (B,)).copy()
+    m = np.zeros(B)
+    sim = SimulatedRun(*(np.zeros(B, np.int64) for _ in range(4)))
+    while True:
+        live = p < lengths
+        if not live.any():
+            return sim
+        idx = p[:, None] + ks
+        a, c = A[rows, idx], F[rows, idx]
+        run = np.cumprod(c[:, : K - 1] >= th[:, None], axis=1).sum(axis=1)  # confident drafts before the last
+        cap = np.maximum(lengths - p - 1, 0)
+        n_draft = np.minimum(1 + run, np.minimum(K, cap))
+        idle = (n_draft == cap) & (n_draft < K) & (run >= n_draft) & (n_draft > 0)
+        n_acc = np.cumprod(a & (ks < n_draft[:, None]), axis=1).sum(axis=1)
+        sim.cycles += live
+        sim.draft_steps += live * (n_draft + idle)
+        sim.drafted += live * n_draft
+        sim.accepted += live * n_acc
+        if adaptive:
+            th2, m2 = update_threshold(th, m, n_acc, n_draft, K, xp=np)
+            th, m = np.where(live, th2, th), np.where(live, m2, m)
+        p = p + live * (n_acc + 1)

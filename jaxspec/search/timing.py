@@ -1,0 +1,102 @@
+"""Real end-to-end timings of candidate decoders against AR: interleaved repeats, medians, robust speedups."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from jaxspec.config import Config, SkipMask
+from jaxspec.decode import Decoder, Result, generate
+from jaxspec.model import Params
+from jaxspec.sampling import Sampling
+from jaxspec.speculative import SpecDecoder
+
+OBJECTIVE = ("end-to-end greedy SSD decode tokens/s over AR decode tokens/s (prefill and compilation excluded), "
+             "batch 1, adaptive threshold on, on the calibration prompts, on this device; each decoder warmed up "
+             "once, then {repeats} interleaved repeats over the prompts; speedup = median over repeats of "
+             "(AR decode time / SSD decode time), tokens/s = median over repeats")
+
+
+@dataclass
+class Candidate:
+    label: str
+    mask: SkipMask
+    max_draft: int = 12
+    theta: float = 0.6
+    predicted: float | None = None  # the proxy's speedup
+
+
+@dataclass
+class Timing:
+    """Real end-to-end numbers of one candidate against AR, from ``measure``."""
+
+    label: str
+    mask: SkipMask
+    max_draft: int
+    theta: float
+    predicted: float | None
+    tokens_per_s: float  # median over repeats
+    speedup: float  # median over repeats of SSD tokens/s over AR tokens/s in the same repeat
+    speedups: list[float]
+    acceptance_rate: float
+    mean_accepted: float  # accepted drafts per verify pass
+    compile_s: float  # decode-loop compilation (generate's compile_s)
+    warmup_s: float  # the whole warm-up run, compilation included (excluded from the figures)
+    lossless: bool  # greedy SSD produced exactly AR's tokens
+
+    def to_json(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "mask"}
+        d = {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
+        return {"mask": self.mask.to_json(), **d, "speedups": [round(s, 4) for s in self.speedups]}
+
+
+def robust_speedup(ar_tps: Sequence[float], ssd_tps: Sequence[float]) -> float:
+    """Median over repeats of the per-repeat ratio (SSD and AR of one repeat ran interleaved, under like noise)."""
+    return float(np.median(np.asarray(ssd_tps) / np.asarray(ar_tps)))
+
+
+def measure(params: Params, cfg: Config, prompts: list[list[int]], max_new: int, eos_ids: tuple[int, ...],
+            candidates: Sequence[Candidate], repeats: int = 3,
+            run: Callable[..., Result] = generate) -> list[Timing]:
+    """Time AR and every candidate end to end on ``prompts`` (batch 1, greedy, adaptive θ): one ``Timing`` for AR
+    (label ``ar``, speedup 1 by definition) followed by one per candidate.
+
+    Noise handling: each decoder first runs once on the first prompt (compilation and first-run initialisation;
+    excluded). Then ``repeats`` rounds each run every prompt with every decoder back to back, in an order rotated
+    per prompt and round; a round's tokens/s is its tokens over its decode seconds (prefill and compilation
+    excluded), and a speedup is the median over rounds of SSD tokens/s / AR tokens/s within the round.
+    """
+    sampling = Sampling()
+    cands = [Candidate("ar", SkipMask(), 0, 0.0), *candidates]
+    decs: list[tuple[Decoder, dict[str, float]]] = [(Decoder(cfg, sampling, eos_ids), {})]
+    decs += [(SpecDecoder(cfg, sampling, eos_ids, skip=c.mask, max_draft=c.max_draft, adaptive=True),
+              {"theta": c.theta}) for c in candidates]
+    n = len(decs)
+    warm = [run(d, params, [prompts[0]], max_new, **kw) for d, kw in decs]
+    secs, toks = np.zeros((n, repeats)), np.zeros((n, repeats))
+    counts = np.zeros((n, 3))  # drafted, accepted, verify calls (first round)
+    outputs: list[list[list[int]]] = [[[] for _ in prompts] for _ in range(n)]
+    for r in range(repeats):
+        for i, prompt in enumerate(prompts):
+            for j in np.roll(np.arange(n), -(i + r)):
+                d, kw = decs[j]
+                res = run(d, params, [prompt], max_new, **kw)
+                secs[j, r] += res.decode_s
+                toks[j, r] += res.new_tokens
+                if r == 0:
+                    outputs[j][i] = res.tokens[0]
+                    if j:
+                        counts[j] += [sum(res.stats[k]) for k in ("drafted", "accepted", "verify_calls")]
+    tps = toks / np.maximum(secs, 1e-9)
+    out = []
+    for j, c in enumerate(cands):
+        drafted, accepted, calls = counts[j]
+        out.append(Timing(c.label, c.mask, c.max_draft, c.theta, c.predicted, float(np.median(tps[j])),
+                          robust_speedup(tps[0], tps[j]), (tps[j] / tps[0]).tolist(),
+                          float(accepted / drafted) if drafted else 0.0, float(accepted / calls) if calls else 0.0,
+                          warm[j].compile_s, warm[j].prefill_s + warm[j].compile_s + warm[j].decode_s,
+                          outputs[j] == outputs[0]))
+    return out
