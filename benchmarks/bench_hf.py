@@ -17,7 +17,7 @@ Everything else (load logs, progress bars) goes to stderr. The JSON also has
 machine any other busy process makes 2-thread decode several times slower --
 treat a result taken with a 1-minute load average well above 0 as unreliable.
 
-Environment: the separate venv described in scripts/make_golden.py (say
+Environment: the separate venv described in tools/make_golden.py (say
 ``.venv-hf``). The caller may run this file with any python and pass
 ``--python .venv-hf/bin/python``: the script then re-runs itself under that
 interpreter and relays its output. ``--gguf`` defaults to where jaxspec caches
@@ -26,8 +26,8 @@ run on ``smollm2-135m`` fetches it).
 
 Example::
 
-    .venv-hf/bin/python scripts/bench_hf.py --repeats 5
-    python3 scripts/bench_hf.py --python .venv-hf/bin/python --prompt "Hello"
+    .venv-hf/bin/python benchmarks/bench_hf.py --repeats 5
+    python3 benchmarks/bench_hf.py --python .venv-hf/bin/python --prompt "Hello"
 """
 
 from __future__ import annotations

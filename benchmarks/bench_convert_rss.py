@@ -1,7 +1,7 @@
 """Peak host memory of converting a multi-GB Hugging Face checkpoint: conversion streams tensor by tensor.
 
-    python scripts/bench_convert_rss.py                    # LLaMA-2-7B shapes, 8 layers: 3.8 GB of float16
-    python scripts/bench_convert_rss.py --layers 32        # the full 7B (13.5 GB)
+    python benchmarks/bench_convert_rss.py                    # LLaMA-2-7B shapes, 8 layers: 3.8 GB of float16
+    python benchmarks/bench_convert_rss.py --layers 32        # the full 7B (13.5 GB)
 
 Writes random float16 weights as sharded safetensors (``model-0000k-of-0000n.safetensors`` + index, streamed in
 chunks so this script stays small too) under ``--dir``, runs ``scripts/convert.py --hf`` on them in a child

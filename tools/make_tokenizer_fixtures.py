@@ -3,7 +3,7 @@
 The sdist vendors llama.cpp, whose ``models/`` folder holds ``ggml-vocab-llama-spm.gguf`` (the LLaMA-2 sentencepiece
 vocabulary in GGUF, no weights) with reference tokenizations made by HF's tokenizer (``.inp``/``.out``). Usage::
 
-    python scripts/make_tokenizer_fixtures.py [--sdist path/to/llama_cpp_python-0.3.36.tar.gz]
+    python tools/make_tokenizer_fixtures.py [--sdist path/to/llama_cpp_python-0.3.36.tar.gz]
 
 Without ``--sdist`` it runs ``pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36``.
 """

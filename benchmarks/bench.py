@@ -1,7 +1,7 @@
 """Decode benchmark on one checkpoint, everything measured side by side in one run (medians of repeats).
 
-    python scripts/bench.py                                   # AR vs roofline (+ HF transformers with --hf-python)
-    python scripts/bench.py --ssd light --ssd attn-half       # + self-speculative decoding for named masks
+    python benchmarks/bench.py                                   # AR vs roofline (+ HF transformers with --hf-python)
+    python benchmarks/bench.py --ssd light --ssd attn-half       # + self-speculative decoding for named masks
 
 Prints a markdown report: AR tokens/s, the memory-bandwidth roofline, and for each skip mask the acceptance, the
 draft-step and verify costs relative to one full decode step, the measured SSD speedup and the speedup those
@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ssd", action="append", default=[], help="named mask (light, attn-half, attn-mlp) or a "
                     "profile JSON path; repeatable")
-    ap.add_argument("--hf-python", help="python of a venv with torch+transformers: also run scripts/bench_hf.py")
+    ap.add_argument("--hf-python", help="python of a venv with torch+transformers: also run benchmarks/bench_hf.py")
     args = ap.parse_args()
 
     cfg, params, tok = load(args.ckpt)
