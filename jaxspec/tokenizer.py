@@ -1,11 +1,12 @@
 """Tokenizers for LLaMA-family checkpoints, built on ``sentencepiece`` and HF ``tokenizers`` (no hand-written BPE).
 
-Two backends sit behind one :class:`Tokenizer`:
+Two backends sit behind one interface, :class:`Tokenizer`:
 
-* LLaMA-2 style sentencepiece BPE (``tokenizer.model``, or GGUF ``tokenizer.ggml.model == "llama"``, whose vocab is
-  turned back into a sentencepiece ``ModelProto``), run by the ``sentencepiece`` package.
-* Byte-level BPE (``tokenizer.json``, or GGUF ``tokenizer.ggml.model == "gpt2"``, e.g. SmolLM2), run by HF
-  ``tokenizers``.
+* :class:`SentencePieceTokenizer`: LLaMA-2 style sentencepiece BPE (``tokenizer.model``, or GGUF
+  ``tokenizer.ggml.model == "llama"``, whose vocab is turned back into a sentencepiece ``ModelProto``), run by the
+  ``sentencepiece`` package.
+* :class:`ByteLevelTokenizer`: byte-level BPE (``tokenizer.json``, or GGUF ``tokenizer.ggml.model == "gpt2"``, e.g.
+  SmolLM2), run by HF ``tokenizers``.
 
 Special tokens written in the text (``<|im_start|>``; for sentencepiece vocabularies ``<s>``, ``</s>``, ``<unk>``)
 encode to their single ids, as HF's tokenizers do. :class:`StreamDecoder` turns a growing list of generated ids into
@@ -34,7 +35,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
 from jaxspec.files import atomic_write
 
-__all__ = ["StreamDecoder", "Tokenizer"]
+__all__ = ["ByteLevelTokenizer", "SentencePieceTokenizer", "StreamDecoder", "Tokenizer"]
 
 # GGUF token types (llama.cpp's llama_token_type) use the numbers of sentencepiece's SentencePiece.Type.
 _NORMAL, _CONTROL, _USER_DEFINED, _BYTE = 1, 3, 4, 6
@@ -76,43 +77,28 @@ def _tojson(
 
 
 class Tokenizer:
-    """Text <-> token ids for one checkpoint, plus its chat template.
+    """Text <-> token ids for one checkpoint, plus its chat template: the interface both backends share.
 
-    Build it with :meth:`from_gguf` or :meth:`from_dir`. Attributes: ``bos_id`` (``None`` if the vocab has none),
+    Build one with :meth:`from_gguf` or :meth:`from_dir`. Attributes: ``bos_id`` (``None`` if the vocab has none),
     ``eos_ids`` (every id that ends generation), ``vocab_size``, ``add_bos`` (whether :meth:`encode` prepends BOS by
-    default) and ``chat_template`` (a jinja2 source, or ``None``).
+    default) and ``chat_template`` (a jinja2 source, or ``None``). A backend implements ``id_to_token``,
+    ``token_to_id``, ``is_special``, ``_encode``, ``_decode``, ``_save_model`` and ``_wants_bos``.
     """
 
-    def __init__(
-        self,
-        *,
-        sp: spm.SentencePieceProcessor | None = None,
-        hf: tokenizers.Tokenizer | None = None,
-        bos_id: int | None,
-        eos_ids: Sequence[int],
-        add_bos: bool,
-        chat_template: str | None = None,
-    ) -> None:
-        if (sp is None) == (hf is None):
-            raise ValueError("give exactly one of a sentencepiece processor or an HF tokenizer")
-        self._sp, self._hf = sp, hf
-        self.vocab_size: int = sp.get_piece_size() if sp is not None else hf.get_vocab_size(with_added_tokens=True)
+    vocab_size: int
+    model_file: str  # the backend's file in a tokenizer directory
+
+    def _configure(self, bos_id: int | None, eos_ids: Sequence[int], add_bos: bool,
+                   chat_template: str | None = None) -> None:
         self.bos_id = bos_id
         self.eos_ids = tuple(dict.fromkeys(int(i) for i in eos_ids))
         self.add_bos = bool(add_bos and bos_id is not None)
         self.chat_template = chat_template or None
-        self._special_ids: frozenset[int] = frozenset()
-        self._special_re: re.Pattern[str] | None = None
-        if sp is not None:  # control and unknown pieces (<s>, </s>, <unk>) are matched in text, as HF's LlamaTokenizer
-            self._special_ids = frozenset(i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i))
-            names = sorted((sp.id_to_piece(i) for i in self._special_ids), key=len, reverse=True)
-            self._special_re = re.compile("|".join(map(re.escape, names))) if names else None
-            self._add_dummy_prefix = _load_proto(sp).normalizer_spec.add_dummy_prefix
 
     # ----------------------------------------------------------------------------------------------- construction
 
-    @classmethod
-    def from_gguf(cls, reader_or_path: GGUFReader | str | os.PathLike[str]) -> Tokenizer:
+    @staticmethod
+    def from_gguf(reader_or_path: GGUFReader | str | os.PathLike[str]) -> Tokenizer:
         """Build the tokenizer from a GGUF file's ``tokenizer.ggml.*`` metadata (sentencepiece or byte-level BPE)."""
         reader = reader_or_path if isinstance(reader_or_path, GGUFReader) else GGUFReader(reader_or_path)
 
@@ -131,7 +117,6 @@ class Tokenizer:
             for i in (eos_id, field("tokenizer.ggml.eot_token_id"), field("tokenizer.ggml.eom_token_id"))
             if i is not None
         ]
-        common = dict(bos_id=bos_id, eos_ids=eos_ids, chat_template=field("tokenizer.chat_template"))
         if kind == "llama":
             proto = _sentencepiece_proto(
                 tokens,
@@ -142,9 +127,9 @@ class Tokenizer:
                 eos_id=eos_id,
                 add_dummy_prefix=field("tokenizer.ggml.add_space_prefix", True),
             )
-            sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-            return cls(sp=sp, add_bos=field("tokenizer.ggml.add_bos_token", True), **common)
-        if kind == "gpt2":
+            tok: Tokenizer = SentencePieceTokenizer(spm.SentencePieceProcessor(model_proto=proto.SerializeToString()))
+            add_bos = field("tokenizer.ggml.add_bos_token", True)
+        elif kind == "gpt2":
             merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
             pre = field("tokenizer.ggml.pre", "gpt-2")
             vocab = {t: i for i, t in enumerate(tokens)}
@@ -157,70 +142,63 @@ class Tokenizer:
             kinds = list(zip(tokens, types, strict=True))
             hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in kinds if k == _CONTROL])
             hf.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in kinds if k == _USER_DEFINED])
-            return cls(hf=hf, add_bos=field("tokenizer.ggml.add_bos_token", False), **common)
-        raise ValueError(f"unsupported GGUF tokenizer model {kind!r} (supported: 'llama', 'gpt2')")
+            tok, add_bos = ByteLevelTokenizer(hf), field("tokenizer.ggml.add_bos_token", False)
+        else:
+            raise ValueError(f"unsupported GGUF tokenizer model {kind!r} (supported: 'llama', 'gpt2')")
+        tok._configure(bos_id, eos_ids, add_bos, field("tokenizer.chat_template"))
+        return tok
 
-    @classmethod
-    def from_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
+    @staticmethod
+    def from_dir(path: str | os.PathLike[str]) -> Tokenizer:
         """Load an HF-style directory: ``tokenizer.model`` (preferred) or ``tokenizer.json``, plus the optional
         ``tokenizer_config.json`` (chat_template, add_bos_token, bos/eos tokens), ``chat_template.jinja`` and
         ``generation_config.json`` (extra ``eos_token_id``\\s)."""
         root = Path(path)
         cfg = _read_json(root / "tokenizer_config.json")
         gen = _read_json(root / "generation_config.json")
-        sp = hf = None
+        tok: Tokenizer
         if (root / "tokenizer.model").is_file():
-            sp = spm.SentencePieceProcessor(model_file=str(root / "tokenizer.model"))
+            tok = SentencePieceTokenizer(spm.SentencePieceProcessor(model_file=str(root / "tokenizer.model")))
         elif (root / "tokenizer.json").is_file():
-            hf = tokenizers.Tokenizer.from_file(str(root / "tokenizer.json"))
+            tok = ByteLevelTokenizer(tokenizers.Tokenizer.from_file(str(root / "tokenizer.json")))
         else:
             raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {root}")
 
-        def token_id(tok: Any) -> int | None:
-            name = _content(tok)
-            if name is None:
-                return None
-            i = sp.piece_to_id(name) if sp is not None else hf.token_to_id(name)
-            return None if i is None or (sp is not None and sp.id_to_piece(i) != name) else i
+        def token_id(token: Any) -> int | None:
+            name = _content(token)
+            return None if name is None else tok.token_to_id(name)
 
         if "bos_token_id" in cfg:
             bos_id = cfg["bos_token_id"]
         elif "bos_token" in cfg:
             bos_id = token_id(cfg["bos_token"])
         else:
-            bos_id = sp.bos_id() if sp is not None and sp.bos_id() >= 0 else None
+            bos_id = tok.bos_id  # the model's own, if it has one
         if "eos_token_ids" in cfg:
             eos_ids = list(cfg["eos_token_ids"])
         else:
-            eos = token_id(cfg["eos_token"]) if "eos_token" in cfg else (sp.eos_id() if sp is not None else -1)
+            eos = token_id(cfg["eos_token"]) if "eos_token" in cfg else (tok.eos_ids or (None,))[0]
             extra = gen.get("eos_token_id", [])
             eos_ids = [i for i in [eos, *(extra if isinstance(extra, list) else [extra])] if i is not None and i >= 0]
-
-        if "add_bos_token" in cfg:
-            add_bos = bool(cfg["add_bos_token"])
-        elif sp is not None:
-            add_bos = True  # LLaMA-2 convention
-        else:  # an HF post-processor (TemplateProcessing) that prepends BOS means the checkpoint wants one
-            add_bos = bos_id is not None and hf.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+        add_bos = bool(cfg["add_bos_token"]) if "add_bos_token" in cfg else tok._wants_bos(bos_id)
 
         template = cfg.get("chat_template")
         if isinstance(template, list):  # [{"name": ..., "template": ...}]: use the default one
             template = {t["name"]: t["template"] for t in template}.get("default")
         if (root / "chat_template.jinja").is_file():
             template = (root / "chat_template.jinja").read_text(encoding="utf-8")
-        return cls(sp=sp, hf=hf, bos_id=bos_id, eos_ids=eos_ids, add_bos=add_bos, chat_template=template)
+        tok._configure(bos_id, eos_ids, add_bos, template)
+        return tok
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write ``tokenizer.model`` (sentencepiece) or ``tokenizer.json`` (HF), and ``tokenizer_config.json``, so
-        that :meth:`from_dir` gives this tokenizer back. Files are written atomically; a ``tokenizer.model`` left
-        from an earlier save is removed when writing ``tokenizer.json`` (it would take precedence)."""
+        """Write the backend's model file (``tokenizer.model`` or ``tokenizer.json``) and ``tokenizer_config.json``,
+        so that :meth:`from_dir` gives this tokenizer back. Files are written atomically; the other backend's model
+        file left from an earlier save is removed (``tokenizer.model`` would take precedence)."""
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
-        if self._sp is not None:
-            atomic_write(root / "tokenizer.model", self._sp.serialized_model_proto())
-        else:
-            atomic_write(root / "tokenizer.json", self._hf.to_str().encode("utf-8"))
-            (root / "tokenizer.model").unlink(missing_ok=True)
+        self._save_model(root / self.model_file)
+        for other in {"tokenizer.model", "tokenizer.json"} - {self.model_file}:
+            (root / other).unlink(missing_ok=True)
         cfg = {
             "add_bos_token": self.add_bos,
             "bos_token": self.bos_token,
@@ -235,14 +213,15 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str:
         """The vocabulary entry (piece) of id ``i``, e.g. ``"▁Hello"`` or ``"ĠHello"``."""
-        return self._sp.id_to_piece(i) if self._sp is not None else self._hf.id_to_token(i)
+        raise NotImplementedError
 
     def token_to_id(self, token: str) -> int | None:
         """The id of a vocabulary entry, or ``None`` if it is not in the vocabulary."""
-        if self._sp is not None:
-            i = self._sp.piece_to_id(token)
-            return i if self._sp.id_to_piece(i) == token else None
-        return self._hf.token_to_id(token)
+        raise NotImplementedError
+
+    def is_special(self, i: int) -> bool:
+        """Whether id ``i`` is a special token (dropped by ``decode(..., skip_special=True)``)."""
+        raise NotImplementedError
 
     @property
     def bos_token(self) -> str | None:
@@ -252,42 +231,12 @@ class Tokenizer:
     def eos_token(self) -> str | None:
         return self.id_to_token(self.eos_ids[0]) if self.eos_ids else None
 
-    def is_special(self, i: int) -> bool:
-        """Whether id ``i`` is a special token (dropped by ``decode(..., skip_special=True)``)."""
-        if self._sp is not None:
-            return i in self._special_ids
-        return i in self._hf_special_ids
-
-    @functools.cached_property
-    def _hf_anchor(self) -> tuple[int, str] | None:
-        i = self._hf.token_to_id("a")
-        return None if i is None or self._hf.decode([i]) != "a" else (i, "a")
-
-    @functools.cached_property
-    def _hf_special_ids(self) -> frozenset[int]:
-        return frozenset(i for i, t in self._hf.get_added_tokens_decoder().items() if t.special)
-
     # ------------------------------------------------------------------------------------------ encode / decode
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of ``text``; BOS is prepended if ``add_bos`` (default: ``self.add_bos``).
-
-        Special tokens written in the text become their single ids. For sentencepiece vocabularies (LLaMA-2) the text
-        is split at the control/unknown pieces (``<s>``, ``</s>``, ``<unk>``) and each piece of text in between is
-        encoded on its own, so each gets sentencepiece's dummy-prefix space, as HF's ``LlamaTokenizer`` (legacy) does.
-        """
-        if self._sp is not None:
-            ids: list[int] = []
-            pos = 0
-            for m in self._special_re.finditer(text) if self._special_re is not None else ():
-                if m.start() > pos:
-                    ids += self._sp.encode(text[pos : m.start()])
-                ids.append(self._sp.piece_to_id(m.group()))
-                pos = m.end()
-            if pos < len(text):
-                ids += self._sp.encode(text[pos:])
-        else:
-            ids = self._hf.encode(text, add_special_tokens=False).ids
+        """Token ids of ``text``; BOS is prepended if ``add_bos`` (default: ``self.add_bos``). Special tokens written
+        in the text become their single ids."""
+        ids = self._encode(text)
         if self.add_bos if add_bos is None else add_bos:
             if self.bos_id is None:
                 raise ValueError("this vocabulary has no BOS token")
@@ -295,22 +244,82 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
-        """Text of ``ids``. Special tokens are written out (``<s>``, ``<|im_end|>``) unless ``skip_special``.
-
-        Sentencepiece vocabularies drop the dummy-prefix space of the first text token only, so
-        ``decode(encode(t)) == t``; text after a written-out special token keeps its space (``[<s>, ▁Hi]`` ->
-        ``"<s> Hi"``, or ``"Hi"`` with ``skip_special``).
-        """
+        """Text of ``ids``. Special tokens are written out (``<s>``, ``<|im_end|>``) unless ``skip_special``."""
         return self._decode([int(i) for i in ids], skip_special, at_start=True)
 
+    def _encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
     def _decode(self, ids: list[int], skip_special: bool, at_start: bool) -> str:
-        """:meth:`decode`; ``at_start=False`` decodes ids that continue earlier text (keeps a leading ``▁`` space)."""
-        if self._hf is not None:
-            if at_start or self._hf_anchor is None:
-                return self._hf.decode(ids, skip_special_tokens=skip_special)
-            # Decoders such as Metaspace's strip a leading space at the start: decode after a one-letter anchor.
-            anchor_id, anchor = self._hf_anchor
-            return self._hf.decode([anchor_id, *ids], skip_special_tokens=skip_special)[len(anchor) :]
+        """:meth:`decode`; ``at_start=False`` decodes ids that continue earlier text (keeps a leading space)."""
+        raise NotImplementedError
+
+    def _save_model(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def _wants_bos(self, bos_id: int | None) -> bool:
+        """Whether encoding prepends BOS when ``tokenizer_config.json`` does not say."""
+        raise NotImplementedError
+
+    # --------------------------------------------------------------------------------------------- chat template
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
+        """Render ``messages`` (``[{"role": ..., "content": ...}]``) with the checkpoint's jinja2 chat template, as HF
+        does (sandboxed, ``trim_blocks``/``lstrip_blocks``, ``raise_exception``, ``bos_token``/``eos_token``). Encode
+        the result with ``encode(prompt, add_bos=False)`` if the template already writes the BOS token."""
+        if self.chat_template is None:
+            raise ValueError("this checkpoint has no chat template; prompt the model with plain text instead")
+        variables = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "", **kwargs}
+        template = _compile_template(self.chat_template)
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """LLaMA-2 style sentencepiece BPE (``tokenizer.model``, or a GGUF ``llama`` vocabulary), run by
+    ``sentencepiece``. Control and unknown pieces written in the text (``<s>``, ``</s>``, ``<unk>``) are matched,
+    as HF's ``LlamaTokenizer`` does; decoding keeps ``decode(encode(t)) == t`` around the dummy-prefix space."""
+
+    model_file = "tokenizer.model"
+
+    def __init__(self, sp: spm.SentencePieceProcessor) -> None:
+        self._sp = sp
+        self.vocab_size = sp.get_piece_size()
+        self._special_ids = frozenset(i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i))
+        names = sorted((sp.id_to_piece(i) for i in self._special_ids), key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, names))) if names else None
+        self._add_dummy_prefix = _load_proto(sp).normalizer_spec.add_dummy_prefix
+        bos, eos = sp.bos_id(), sp.eos_id()
+        self._configure(bos if bos >= 0 else None, [eos] if eos >= 0 else [], add_bos=True)
+
+    def id_to_token(self, i: int) -> str:
+        return self._sp.id_to_piece(i)
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self._sp.piece_to_id(token)
+        return i if self._sp.id_to_piece(i) == token else None
+
+    def is_special(self, i: int) -> bool:
+        return i in self._special_ids
+
+    def _encode(self, text: str) -> list[int]:
+        """The text is split at the control/unknown pieces and each piece of text in between is encoded on its own,
+        so each gets sentencepiece's dummy-prefix space, as HF's ``LlamaTokenizer`` (legacy) does."""
+        ids: list[int] = []
+        pos = 0
+        for m in self._special_re.finditer(text) if self._special_re is not None else ():
+            if m.start() > pos:
+                ids += self._sp.encode(text[pos : m.start()])
+            ids.append(self._sp.piece_to_id(m.group()))
+            pos = m.end()
+        if pos < len(text):
+            ids += self._sp.encode(text[pos:])
+        return ids
+
+    def _decode(self, ids: list[int], skip_special: bool, at_start: bool) -> str:
+        """Drops the dummy-prefix space of the first text token only; text after a written-out special token keeps
+        its space (``[<s>, ▁Hi]`` -> ``"<s> Hi"``, or ``"Hi"`` with ``skip_special``)."""
         out: list[str] = []
         run: list[int] = []
         strip = at_start and self._add_dummy_prefix  # whether sentencepiece's own strip of the first "▁" is wanted
@@ -329,19 +338,55 @@ class Tokenizer:
                 strip = False
         return "".join(out)
 
-    # --------------------------------------------------------------------------------------------- chat template
+    def _save_model(self, path: Path) -> None:
+        atomic_write(path, self._sp.serialized_model_proto())
 
-    def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True, **kwargs: Any
-    ) -> str:
-        """Render ``messages`` (``[{"role": ..., "content": ...}]``) with the checkpoint's jinja2 chat template, as HF
-        does (sandboxed, ``trim_blocks``/``lstrip_blocks``, ``raise_exception``, ``bos_token``/``eos_token``). Encode
-        the result with ``encode(prompt, add_bos=False)`` if the template already writes the BOS token."""
-        if self.chat_template is None:
-            raise ValueError("this checkpoint has no chat template; prompt the model with plain text instead")
-        variables = {"bos_token": self.bos_token or "", "eos_token": self.eos_token or "", **kwargs}
-        template = _compile_template(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+    def _wants_bos(self, bos_id: int | None) -> bool:
+        return True  # the LLaMA-2 convention
+
+
+class ByteLevelTokenizer(Tokenizer):
+    """Byte-level BPE (``tokenizer.json``, or a GGUF ``gpt2`` vocabulary such as SmolLM2's), run by HF
+    ``tokenizers``; added tokens written in the text (``<|im_start|>``) are matched whole."""
+
+    model_file = "tokenizer.json"
+
+    def __init__(self, hf: tokenizers.Tokenizer) -> None:
+        self._hf = hf
+        self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+        self._special_ids = frozenset(i for i, t in hf.get_added_tokens_decoder().items() if t.special)
+        self._configure(None, [], add_bos=False)
+
+    def id_to_token(self, i: int) -> str:
+        return self._hf.id_to_token(i)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._hf.token_to_id(token)
+
+    def is_special(self, i: int) -> bool:
+        return i in self._special_ids
+
+    def _encode(self, text: str) -> list[int]:
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def _decode(self, ids: list[int], skip_special: bool, at_start: bool) -> str:
+        if at_start or self._anchor is None:
+            return self._hf.decode(ids, skip_special_tokens=skip_special)
+        # Decoders such as Metaspace's strip a leading space at the start: decode after a one-letter anchor.
+        anchor_id, anchor = self._anchor
+        return self._hf.decode([anchor_id, *ids], skip_special_tokens=skip_special)[len(anchor) :]
+
+    @functools.cached_property
+    def _anchor(self) -> tuple[int, str] | None:
+        i = self._hf.token_to_id("a")
+        return None if i is None or self._hf.decode([i]) != "a" else (i, "a")
+
+    def _save_model(self, path: Path) -> None:
+        atomic_write(path, self._hf.to_str().encode("utf-8"))
+
+    def _wants_bos(self, bos_id: int | None) -> bool:
+        # An HF post-processor (TemplateProcessing) that prepends BOS means the checkpoint wants one.
+        return bos_id is not None and self._hf.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
 
 
 class StreamDecoder:

@@ -3,6 +3,7 @@ GGUF, save/from_dir round trips, chat templates and streaming decode."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -173,9 +174,9 @@ def test_smollm2_chat_template(smol: Tokenizer) -> None:
 
 
 def _with_template(tok: Tokenizer, template: str) -> Tokenizer:
-    return Tokenizer(
-        sp=tok._sp, hf=tok._hf, bos_id=tok.bos_id, eos_ids=tok.eos_ids, add_bos=tok.add_bos, chat_template=template
-    )
+    tok = copy.copy(tok)
+    tok.chat_template = template
+    return tok
 
 
 def test_chat_template_features(llama: Tokenizer) -> None:
