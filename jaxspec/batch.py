@@ -6,11 +6,13 @@ prompt too long for the context) is reported by line number and, by default, ski
 instead refuses the whole job before generating anything. Blank lines are ignored.
 
 Rows with the same sampling settings share a decoder; they are sorted by (budget, prompt length) and cut into
-batches of ``batch_size`` (padded to a multiple of the mesh's data axis), every batch fixed by the *whole* input,
-with seed ``seed + batch index``. Each result is appended as one complete line ``{"id", "text", "token_ids", "stats"}``
-(write, flush, fsync). A rerun reads the ids already in the output (dropping a truncated last line and rewriting the
-file cleanly), skips the batches whose rows are all there and recomputes any partly written batch whole, writing
-only its missing ids: every id appears exactly once, with the result an uninterrupted run would have given.
+batches of at most ``batch_size`` (each padded to a power-of-two bucket, ``bucket``), every batch fixed by the
+*whole* input, with seed ``seed + batch index``. Each result is appended as one complete line
+``{"id", "text", "token_ids", "stats"}`` (write, flush, fsync). The output must be such a file or new: anything
+else (or the input itself) is refused, untouched. A rerun reads the ids already in the output (dropping a truncated
+last line and rewriting the file cleanly), skips the batches whose rows are all there and recomputes any partly
+written batch whole, writing only its missing ids: every id appears exactly once, with the result an uninterrupted
+run would have given.
 """
 
 from __future__ import annotations
@@ -29,14 +31,15 @@ from typing import Any, Literal, Protocol
 import jax
 import numpy as np
 
+from jaxspec import validate
 from jaxspec.decode import Decoder, Result, generate
 from jaxspec.files import atomic_write
 from jaxspec.model import Params
 from jaxspec.sampling import Sampling
 from jaxspec.sharding import MeshDecoder, pad_rows, shard_params
 
-SETTINGS: dict[str, type] = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float}
 SAMPLING_KEYS = ("temperature", "top_k", "top_p")
+RESULT_KEYS = frozenset({"id", "text", "token_ids", "stats"})  # what every line of a job's output holds
 
 
 class TokenizerLike(Protocol):
@@ -66,32 +69,12 @@ class Row:
 
 
 def parse_line(text: str, line: int) -> Row:
-    """One input line → ``Row``; ``ValueError`` with the reason when it is malformed."""
+    """One input line → ``Row``; ``ValueError`` with the reason when it is malformed (``validate.row``'s rules)."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    unknown = sorted(set(obj) - {"id", "prompt", *SETTINGS})
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} (allowed: id, prompt, {', '.join(SETTINGS)})")
-    rid = obj.get("id")
-    if isinstance(rid, bool) or not isinstance(rid, str | int) or rid == "":
-        raise ValueError(f"'id' must be a non-empty string or an integer, got {rid!r}")
-    prompt = obj.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise ValueError(f"'prompt' must be a non-empty string, got {prompt!r}")
-    settings = {}
-    for k, typ in SETTINGS.items():
-        if k in obj:
-            v = obj[k]
-            if isinstance(v, bool) or not isinstance(v, int | float) or (typ is int and not float(v).is_integer()):
-                raise ValueError(f"{k!r} must be {'an integer' if typ is int else 'a number'}, got {v!r}")
-            settings[k] = typ(v)
-    if settings.get("max_new_tokens", 1) < 1:
-        raise ValueError(f"'max_new_tokens' must be >= 1, got {settings['max_new_tokens']}")
-    Sampling(**{k: settings[k] for k in SAMPLING_KEYS if k in settings})  # raises ValueError on bad values
+    rid, prompt, settings = validate.row(obj)
     return Row(rid, prompt, line, settings)
 
 
@@ -131,8 +114,10 @@ def read_rows(path: str | Path) -> tuple[list[Row], list[tuple[int, str]]]:
 def done_ids(path: str | Path, log: Callable[[str], None] = lambda s: None) -> tuple[set[str], bool]:
     """Ids (as ``Row.key``) already in the output, and whether the file was replaced (reopen it then).
 
-    A truncated last line (a kill mid-write) is cut off in place; unparsable lines or repeated ids elsewhere
-    (not written by this module) make an atomic rewrite of the file without them.
+    Only a file this module wrote is touched: every complete line must be a result (a JSON object with
+    ``RESULT_KEYS``) and a truncated last line must start like one, else ``BatchInputError`` and the file is left
+    as it is. The truncated last line (a kill mid-write) is cut off in place; repeated ids or blank lines (not
+    written by this module) make an atomic rewrite of the file without them.
     """
     path = Path(path)
     if not path.exists():
@@ -141,19 +126,30 @@ def done_ids(path: str | Path, log: Callable[[str], None] = lambda s: None) -> t
     parts = data.split(b"\n")
     tail = parts.pop()  # after the final newline: b"" unless the last line is truncated
     keep, seen, bad = [], set(), 0
-    for part in parts:
-        try:
-            key = json.dumps(json.loads(part)["id"])
-        except (ValueError, KeyError, TypeError):
+    for n, part in enumerate(parts, 1):
+        if not part.strip():
             bad += 1
             continue
+        try:
+            obj = json.loads(part)
+            key = json.dumps(obj["id"]) if isinstance(obj, dict) and obj.keys() >= RESULT_KEYS else None
+        except ValueError:  # bad JSON or UTF-8
+            key = None
+        if key is None:
+            raise BatchInputError(f"{path}: line {n} is not a batch result (a JSON object with "
+                                  f"{', '.join(sorted(RESULT_KEYS))}): refusing to overwrite a file this job did not "
+                                  "write; give another --output")
         if key in seen:
             bad += 1
             continue
         seen.add(key)
         keep.append(part + b"\n")
+    start = b'{"id": '  # how append_line's lines begin
+    if tail and not (tail.startswith(start) or start.startswith(tail)):
+        raise BatchInputError(f"{path}: its last line is not a batch result: refusing to overwrite a file this job "
+                              "did not write; give another --output")
     if tail or bad:
-        log(f"{path}: dropping {bad + bool(tail)} incomplete or invalid line(s) left by an interrupted run")
+        log(f"{path}: dropping {bad + bool(tail)} incomplete, blank or repeated line(s) left by an interrupted run")
     if bad:
         atomic_write(path, keep)
     elif tail:
@@ -194,6 +190,12 @@ def plan_batches(rows: list[Row], ids: Mapping[str, list[int]], decoder_factory:
             batches.append(Batch(len(batches), dec, chunk, [ids[r.key] for r in chunk],
                                  [int(r.settings.get("max_new_tokens", default_max_new)) for r in chunk]))
     return batches
+
+
+def bucket(rows: int, batch_size: int, mesh: jax.sharding.Mesh | None = None) -> int:
+    """The batch width ``rows`` rows are padded to: the next power of two (at most ``batch_size``), then a multiple of
+    the mesh's data axis. A few shapes to compile, and one row never runs ``batch_size`` wide."""
+    return pad_rows(min(1 << (rows - 1).bit_length(), batch_size), mesh)
 
 
 def _open_locked(path: Path) -> Any:
@@ -247,8 +249,11 @@ def run_batch_job(input_path: str | Path, output_path: str | Path, decoder_facto
     """
     if on_error not in ("skip", "reject"):
         raise ValueError(f"on_error must be 'skip' or 'reject', got {on_error!r}")
-    if batch_size < 1 or default_max_new < 1:
-        raise ValueError("batch size and max new tokens must be >= 1")
+    validate.value("batch_size", batch_size)
+    validate.value("max_new_tokens", default_max_new)
+    output_path = Path(output_path)
+    if output_path.exists() and Path(input_path).exists() and os.path.samefile(input_path, output_path):
+        raise BatchInputError(f"output {output_path} is the input file {input_path}: give another --output")
     default_sampling = default_sampling or Sampling()
     log = log or (lambda s: print(f"jaxspec batch: {s}", file=sys.stderr, flush=True))
     writer = jax.process_index() == 0
@@ -273,9 +278,7 @@ def run_batch_job(input_path: str | Path, output_path: str | Path, decoder_facto
     for e in errors:
         log(f"{input_path}: skipping {e}")
 
-    width = pad_rows(batch_size, mesh)
     batches = plan_batches(valid, ids, decoder_factory, default_sampling, default_max_new, batch_size)
-    output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     out = None
     try:
@@ -300,7 +303,7 @@ def run_batch_job(input_path: str | Path, output_path: str | Path, decoder_facto
         t0 = time.perf_counter()
         for batch in (b for b, t in zip(batches, todo, strict=True) if t):
             dec = batch.decoder if mesh is None else MeshDecoder.wrap(batch.decoder, mesh)
-            pad = width - len(batch.rows)  # fixed batch shape: pad with copies of the first row, budget 1
+            pad = bucket(len(batch.rows), batch_size, mesh) - len(batch.rows)  # copies of the first row, budget 1
             kw = dict(init or {}) if dec.mode == "ssd" else {}
             res = generate(dec, params, batch.ids + [batch.ids[0]] * pad, batch.budgets + [1] * pad,
                            seed=seed + batch.index, **kw)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jaxspec import validate
+
 
 @dataclass(frozen=True)
 class Config:
@@ -27,11 +29,9 @@ class Config:
     bos_id: int | None = 1
     eos_ids: tuple[int, ...] = (2,)
 
-    def __post_init__(self) -> None:
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+    def __post_init__(self) -> None:  # degenerate or absurd sizes fail here, not deep inside jit
+        for k, v in validate.config(dataclasses.asdict(self)).items():
+            object.__setattr__(self, k, v)
 
     @property
     def head_dim(self) -> int:

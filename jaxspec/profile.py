@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jaxspec import validate
 from jaxspec.config import Config, SkipMask
 from jaxspec.files import atomic_write
 from jaxspec.model import param_shapes
@@ -59,6 +60,7 @@ class Profile:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Profile:
+        validate.profile(d)  # the rules of --threshold and --max-draft hold for a file's values too
         known = {"model_id", "mask", "threshold", "max_draft", "use_ssd"}
         return cls(mask=SkipMask.from_json(d["mask"]), threshold=float(d.get("threshold", 0.6)),
                    max_draft=int(d.get("max_draft", 12)), model_id=d.get("model_id"),
@@ -76,7 +78,7 @@ def load_profile(path: str | Path, cfg: Config) -> Profile:
         prof = Profile.from_json(json.loads(Path(path).read_text()))
     except FileNotFoundError:
         raise ValueError(f"skip profile {path} not found (nor a preset: {', '.join(PUBLISHED_MASKS)})") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and validate's errors are ValueErrors
         raise ValueError(f"skip profile {path} is not a valid profile ({e})") from None
     if prof.model_id is not None and prof.model_id != model_id(cfg):
         raise ValueError(f"skip profile {path} was made for another model (model_id {prof.model_id}, "

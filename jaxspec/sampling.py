@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from jaxspec import validate
+
 Array = jax.Array
 
 
@@ -18,13 +20,9 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
 
-    def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
+    def __post_init__(self) -> None:  # finite, in range: as validate.RULES says wherever the values come from
+        for name in ("temperature", "top_k", "top_p"):
+            validate.value(name, getattr(self, name), name.replace("_", "-"))
 
     @property
     def greedy(self) -> bool:

@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxspec.config import Config
 from jaxspec.decode import Decoder, State
 from jaxspec.model import AXES, KVCache, Params, param_shapes, params_from_flat
+from jaxspec.validate import parse_mesh
 
 Array = jax.Array
 AXIS_NAMES = ("data", "model")
@@ -36,22 +37,6 @@ RULES: dict[str, str | None] = {
     "head_dim": None,
     "mlp": "model",
 }
-
-
-def parse_mesh(spec: str | Sequence[int]) -> tuple[int, int]:
-    """``"2x4"`` (data x model) → ``(2, 4)``; a single number ``"8"`` means ``1x8``."""
-    if not isinstance(spec, str):
-        data, model = spec
-        return int(data), int(model)
-    try:
-        parts = [int(p) for p in spec.lower().split("x")]
-    except ValueError:
-        raise ValueError(f"mesh {spec!r} is not DATAxMODEL, e.g. 1x8") from None
-    if len(parts) == 1:
-        parts = [1, parts[0]]
-    if len(parts) != 2 or min(parts) < 1:
-        raise ValueError(f"mesh {spec!r} is not DATAxMODEL with positive sizes, e.g. 2x4")
-    return parts[0], parts[1]
 
 
 def make_mesh(spec: str | Sequence[int] = "1x1", devices: Sequence[Any] | None = None) -> Mesh:

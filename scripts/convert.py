@@ -12,8 +12,12 @@ from __future__ import annotations
 import argparse
 import resource
 import sys
+from pathlib import Path
 
-from jaxspec.checkpoint import DTYPES, CheckpointError, checkpoint_size, checkpoints_root, convert_checkpoint, registry
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jaxspec import cli  # noqa: E402
+from jaxspec.checkpoint import DTYPES, CheckpointError, checkpoint_size, checkpoints_root, convert_checkpoint, registry  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", help="config preset: checked against the source, or the config if it has none")
     args = ap.parse_args(argv)
     preset = args.preset or registry().get(args.name, {}).get("preset")
+    if args.out is None and (Path(args.name).name != args.name or args.name in ("", ".", "..")):
+        raise ValueError(f"--name {args.name!r} is not a plain name: give --out for a directory elsewhere")
     out = args.out or checkpoints_root() / args.name
     try:
         path = convert_checkpoint(out, hf=args.hf, gguf=args.gguf, dtype=args.dtype, preset=preset,
@@ -40,4 +46,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

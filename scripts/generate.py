@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 
-from jaxspec import distributed  # noqa: E402
+from jaxspec import cli, distributed, validate  # noqa: E402
 from jaxspec.batch import run_batch_job  # noqa: E402
 from jaxspec.checkpoint import CheckpointError, cache_dir, load, resolve  # noqa: E402
 from jaxspec.config import SkipMask  # noqa: E402
@@ -28,6 +28,7 @@ from jaxspec.sampling import Sampling  # noqa: E402
 from jaxspec.sharding import MeshDecoder, make_mesh, param_sharding_fn  # noqa: E402
 from jaxspec.speculative import SpecDecoder  # noqa: E402
 from jaxspec.tokenizer import StreamDecoder  # noqa: E402
+from jaxspec.validate import layers  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,19 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _ints(text: str | None, flag: str) -> tuple[int, ...]:
-    if not text:
-        return ()
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise ValueError(f"{flag} takes comma-separated layer indices, got {text!r}") from None
-
-
 def pick_profile(args: argparse.Namespace, cfg, ckpt_dir: Path) -> Profile | None:  # noqa: ANN001
     """The skip profile to use: explicit flags, an explicit profile, or the checkpoint's own; None if none."""
     if args.skip_attn or args.skip_mlp:
-        mask = SkipMask(_ints(args.skip_attn, "--skip-attn"), _ints(args.skip_mlp, "--skip-mlp"))
+        mask = SkipMask(layers(args.skip_attn, "--skip-attn"), layers(args.skip_mlp, "--skip-mlp"))
         return Profile(mask=mask.validate(cfg.n_layers))
     if args.skip_profile:
         return load_profile(args.skip_profile, cfg)
@@ -93,12 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("give --prompt or --input (a batch job)")
     if (args.input is None) != (args.output is None):
         raise ValueError("--input and --output go together")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.max_draft is not None and not 1 <= args.max_draft <= 64:
-        raise ValueError(f"--max-draft must be in 1..64, got {args.max_draft}")
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
+    validate.flags(args)
     if args.input is None and not args.prompt:
         raise ValueError("empty prompt")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
@@ -181,10 +168,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    sys.exit(cli.run(main))

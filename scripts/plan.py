@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jaxspec import cli, validate  # noqa: E402  (standard library only: jax comes after simulate_devices)
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,8 +72,8 @@ def config_and_mask(args: argparse.Namespace):  # noqa: ANN201 - (Config, SkipMa
     else:
         raise ValueError(f"{ckpt!r} is neither a checkpoint nor a registered name nor a preset")
     if args.skip_attn or args.skip_mlp:
-        ints = [tuple(int(i) for i in (s or "").split(",") if i.strip()) for s in (args.skip_attn, args.skip_mlp)]
-        return cfg, SkipMask(*ints).validate(cfg.n_layers), source, "--skip-attn/--skip-mlp"
+        mask = SkipMask(validate.layers(args.skip_attn, "--skip-attn"), validate.layers(args.skip_mlp, "--skip-mlp"))
+        return cfg, mask.validate(cfg.n_layers), source, "--skip-attn/--skip-mlp"
     if skip_profile is None and (path / PROFILE_NAME).is_file():
         skip_profile = str(path / PROFILE_NAME)
     if skip_profile is None:
@@ -82,11 +84,8 @@ def config_and_mask(args: argparse.Namespace):  # noqa: ANN201 - (Config, SkipMa
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        data, model = (int(x) for x in args.mesh.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--mesh {args.mesh!r} is not DATAxMODEL, e.g. 1x8") from None
+    args = validate.flags(parse_args(argv))
+    data, model = validate.parse_mesh(args.mesh)
     simulate_devices(data * model)
 
     import jax
@@ -174,8 +173,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli.run(main))

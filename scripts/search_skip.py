@@ -21,8 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from jaxspec import cli, validate  # noqa: E402
 from jaxspec.checkpoint import CheckpointError, load, resolve  # noqa: E402
-from jaxspec.data import DataError, calibration  # noqa: E402
+from jaxspec.data import calibration  # noqa: E402
 from jaxspec.profile import PROFILE_NAME, save_profile  # noqa: E402
 from jaxspec.search import SearchOptions, plot, search  # noqa: E402
 
@@ -52,11 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for name in ("budget", "max_new", "top", "real_prompts", "repeats"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.margin < 0:
-        raise ValueError(f"--margin must be >= 0, got {args.margin}")
+    validate.flags(args)
     rows = calibration(args.calib)
     ckpt_dir = resolve(args.ckpt)
     cfg, params, tok = load(args.ckpt)
@@ -87,10 +84,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (CheckpointError, DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    sys.exit(cli.run(main))

@@ -75,7 +75,7 @@ def test_read_rows_reports_each_malformed_line(inp):
     msgs = dict(errors)
     assert "invalid JSON" in msgs[BAD_LINES[0]] and "expected a JSON object" in msgs[BAD_LINES[1]]
     assert "duplicate id 'r1' (first on line 3)" in msgs[BAD_LINES[2]]
-    assert "unknown key(s) ['max_tokens']" in msgs[BAD_LINES[4]] and "top-p" in msgs[BAD_LINES[5]]
+    assert "unknown key(s) ['max_tokens']" in msgs[BAD_LINES[4]] and "'top_p' must be in (0, 1]" in msgs[BAD_LINES[5]]
 
 
 def test_reject_runs_nothing(inp, tmp_path):
@@ -84,14 +84,44 @@ def test_reject_runs_nothing(inp, tmp_path):
     assert not (tmp_path / "out.jsonl").exists() or not (tmp_path / "out.jsonl").read_text()
 
 
+def res(rid: str | int) -> str:
+    return json.dumps({"id": rid, "text": "", "token_ids": [], "stats": {}})
+
+
 def test_done_ids_cuts_a_truncated_line(tmp_path):
     out = tmp_path / "out.jsonl"
-    out.write_text('{"id": "a", "text": ""}\n{"id": 1}\n{"id": "b", "te')
+    out.write_text(f'{res("a")}\n{res(1)}\n{{"id": "b", "te')
     assert done_ids(out) == ({'"a"', "1"}, False)
-    assert out.read_text() == '{"id": "a", "text": ""}\n{"id": 1}\n'
-    out.write_text('{"id": "a"}\ngarbage\n{"id": "a"}\n{"id": "c"}\n')
+    assert out.read_text() == f"{res('a')}\n{res(1)}\n"
+    out.write_text(f'{res("a")}\n\n{res("a")}\n{res("c")}\n{{"i')
     assert done_ids(out) == ({'"a"', '"c"'}, True)
-    assert out.read_text() == '{"id": "a"}\n{"id": "c"}\n'
+    assert out.read_text() == f"{res('a')}\n{res('c')}\n"
+
+
+@pytest.mark.parametrize("text", [
+    "# README\nsome notes\n",  # not JSON
+    "notes without a newline",  # only a 'truncated' line, but not one of ours
+    res("a") + '\n{"id": "b", "prompt": "an input line"}\n',  # JSON, not a result
+    res("a") + "\n[1, 2]\n",
+    res("a") + "\n" + res("b")[:-1] + "\xff}\n",  # not UTF-8
+])
+def test_foreign_output_is_refused_untouched(tmp_path, inp, text):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(text.encode("utf-8", "surrogateescape").replace(b"\xc3\xbf", b"\xff"))
+    before = out.read_bytes()
+    with pytest.raises(BatchInputError, match="refusing to overwrite a file this job did not write"):
+        job(inp, out)
+    assert out.read_bytes() == before
+
+
+def test_output_is_the_input(tmp_path, inp):
+    before = inp.read_bytes()
+    (tmp_path / "sub").mkdir()
+    os.symlink(inp, tmp_path / "link.jsonl")
+    for same in (inp, tmp_path / "sub" / ".." / inp.name, tmp_path / "link.jsonl"):
+        with pytest.raises(BatchInputError, match="is the input file"):
+            job(inp, same)
+    assert inp.read_bytes() == before
 
 
 def test_killed_and_resumed_job_writes_each_id_once_with_uninterrupted_results(inp, tmp_path):

@@ -179,7 +179,7 @@ def test_calibration_file_errors(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--ckpt", "tiny", "--budget", "0"], "--budget must be >= 1"),
+    (["--ckpt", "tiny", "--budget", "0"], "--budget must be in 1..100000"),
     (["--ckpt", "tiny", "--calib", "/nonexistent.jsonl"], "not found"),
     (["--ckpt", "no-such-model"], "unknown checkpoint"),
 ])

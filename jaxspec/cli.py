@@ -1,0 +1,79 @@
+"""How every script ends: exit 0 (or the status ``main`` returns), one ``error: ...`` line and exit 2, 130 on Ctrl-C,
+quietly when the reader of stdout goes away (``generate.py ... | head -c1``).
+
+    if __name__ == "__main__":
+        sys.exit(cli.run(main))
+
+Standard library only (``plan.py`` runs it before jax may be imported). ``JAXSPEC_TRACEBACK=1`` re-raises instead,
+for debugging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+
+def message(e: BaseException) -> str:
+    """One line for an exception: its message's first line; the type too when it is not a user-input error."""
+    if isinstance(e, OSError) and e.strerror:
+        where = e.filename if e.filename is not None else ""
+        return f"{where}: {e.strerror}" if where != "" else e.strerror
+    lines = str(e).strip().splitlines()
+    first = lines[0] if lines else ""
+    expected = isinstance(e, ValueError | OSError) or type(e).__module__.startswith("jaxspec")
+    return first if expected and first else f"{type(e).__name__}: {first}".rstrip(": ")
+
+
+def _argparse_error(self: argparse.ArgumentParser, msg: str) -> NoReturn:
+    raise ValueError(f"{msg} (see {self.prog} --help)")
+
+
+def _unraisable(hook: Callable[[Any], None], quiet: list[bool]) -> Callable[[Any], None]:
+    """Drop orbax/tensorstore's late 'Event loop is closed' callbacks (reads still pending when a restore failed),
+    and anything at all once the one error line is out."""
+    def filtered(u: Any) -> None:
+        if quiet[0] or (isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)):
+            return
+        hook(u)
+    return filtered
+
+
+def _stdout_gone() -> None:
+    """The reader closed stdout: point it at /dev/null so the interpreter's final flush does not complain."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (e.g. captured by a test)
+        pass
+
+
+def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run ``main(argv)`` and map how it ends to an exit status (see the module docstring)."""
+    if os.environ.get("JAXSPEC_TRACEBACK"):
+        return main(argv) or 0
+    quiet = [False]
+    sys.unraisablehook = _unraisable(sys.unraisablehook, quiet)
+    error = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = _argparse_error  # type: ignore[method-assign]  # one line, not usage + error
+    try:
+        status = main(argv) or 0
+        sys.stdout.flush()  # a closed pipe shows here at the latest
+        return status
+    except KeyboardInterrupt:
+        quiet[0] = True
+        return 130
+    except BrokenPipeError:
+        quiet[0] = True
+        _stdout_gone()
+        return 0
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line
+        quiet[0] = True
+        print(f"error: {message(e)}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        argparse.ArgumentParser.error = error  # type: ignore[method-assign]
