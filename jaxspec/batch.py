@@ -111,19 +111,10 @@ def read_rows(path: str | Path) -> tuple[list[Row], list[tuple[int, str]]]:
 
 # ---- output ------------------------------------------------------------------------------------------------
 
-def done_ids(path: str | Path, log: Callable[[str], None] = lambda s: None) -> tuple[set[str], bool]:
-    """Ids (as ``Row.key``) already in the output, and whether the file was replaced (reopen it then).
-
-    Only a file this module wrote is touched: every complete line must be a result (a JSON object with
-    ``RESULT_KEYS``) and a truncated last line must start like one, else ``BatchInputError`` and the file is left
-    as it is. The truncated last line (a kill mid-write) is cut off in place; repeated ids or blank lines (not
-    written by this module) make an atomic rewrite of the file without them.
-    """
-    path = Path(path)
-    if not path.exists():
-        return set(), False
-    data = path.read_bytes()
-    parts = data.split(b"\n")
+def _scan(path: Path) -> tuple[set[str], list[bytes], int, bytes]:
+    """Ids, lines to keep, lines to drop (blank or repeated) and the truncated tail of an output file; raises
+    ``BatchInputError`` unless every complete line is a result and the tail starts like one (see ``done_ids``)."""
+    parts = path.read_bytes().split(b"\n")
     tail = parts.pop()  # after the final newline: b"" unless the last line is truncated
     keep, seen, bad = [], set(), 0
     for n, part in enumerate(parts, 1):
@@ -148,12 +139,27 @@ def done_ids(path: str | Path, log: Callable[[str], None] = lambda s: None) -> t
     if tail and not (tail.startswith(start) or start.startswith(tail)):
         raise BatchInputError(f"{path}: its last line is not a batch result: refusing to overwrite a file this job "
                               "did not write; give another --output")
+    return seen, keep, bad, tail
+
+
+def done_ids(path: str | Path, log: Callable[[str], None] = lambda s: None) -> tuple[set[str], bool]:
+    """Ids (as ``Row.key``) already in the output, and whether the file was replaced (reopen it then).
+
+    Only a file this module wrote is touched: every complete line must be a result (a JSON object with
+    ``RESULT_KEYS``) and a truncated last line must start like one, else ``BatchInputError`` and the file is left
+    as it is. The truncated last line (a kill mid-write) is cut off in place; repeated ids or blank lines (not
+    written by this module) make an atomic rewrite of the file without them.
+    """
+    path = Path(path)
+    if not path.exists():
+        return set(), False
+    seen, keep, bad, tail = _scan(path)
     if tail or bad:
         log(f"{path}: dropping {bad + bool(tail)} incomplete, blank or repeated line(s) left by an interrupted run")
     if bad:
         atomic_write(path, keep)
     elif tail:
-        os.truncate(path, len(data) - len(tail))
+        os.truncate(path, path.stat().st_size - len(tail))
     return seen, bool(bad)
 
 
@@ -254,6 +260,8 @@ def run_batch_job(input_path: str | Path, output_path: str | Path, decoder_facto
     output_path = Path(output_path)
     if output_path.exists() and Path(input_path).exists() and os.path.samefile(input_path, output_path):
         raise BatchInputError(f"output {output_path} is the input file {input_path}: give another --output")
+    if output_path.is_file():
+        _scan(output_path)  # refuse a file that is not this job's results before reading or reporting anything
     default_sampling = default_sampling or Sampling()
     log = log or (lambda s: print(f"jaxspec batch: {s}", file=sys.stderr, flush=True))
     writer = jax.process_index() == 0

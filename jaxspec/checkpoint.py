@@ -14,6 +14,7 @@ the LLaMA-2 / CodeLlama names are converted from a Hugging Face download with ``
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import logging
@@ -258,6 +259,8 @@ def save_checkpoint(path: str | Path, cfg: Config, tensors: Iterable[tuple[str, 
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        # Interrupted mid-save (Ctrl-C), orbax's writer threads may still add files: remove them once they are done.
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
         raise
     return path
 
@@ -411,6 +414,8 @@ def load_checkpoint(path: str | Path, dtype: str | None = None,
     except CheckpointError:
         raise
     except Exception as e:  # orbax / tensorstore errors on missing, truncated or corrupt files
+        while e.__cause__ is not None:  # tensorstore's own error, not orbax's wrapper with a TensorStore repr
+            e = e.__cause__
         raise CheckpointError(f"{path}: corrupt or truncated parameter data ({_line(e)})") from e
     tokenizer = None
     if manifest.get("tokenizer"):

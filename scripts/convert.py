@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     preset = args.preset or registry().get(args.name, {}).get("preset")
     if args.out is None and (Path(args.name).name != args.name or args.name in ("", ".", "..")):
         raise ValueError(f"--name {args.name!r} is not a plain name: give --out for a directory elsewhere")
-    out = args.out or checkpoints_root() / args.name
+    out = Path(args.out or checkpoints_root() / args.name)
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)  # an unwritable location fails now, not after reading
     try:
         path = convert_checkpoint(out, hf=args.hf, gguf=args.gguf, dtype=args.dtype, preset=preset,
                                   meta={"name": args.name})
