@@ -52,7 +52,7 @@ class Config:
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
         d = dict(d)
-        if "eos_ids" in d:
+        if isinstance(d.get("eos_ids"), list):
             d["eos_ids"] = tuple(d["eos_ids"])
         return cls(**d)
 

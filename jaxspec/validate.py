@@ -206,5 +206,7 @@ def config(fields: Mapping[str, Any]) -> dict[str, Any]:
     vocab = out["vocab_size"] - 1
     if fields["bos_id"] is not None:
         out["bos_id"] = number("bos_id", fields["bos_id"], 0, vocab, integer=True)
+    if not isinstance(fields["eos_ids"], tuple | list):
+        raise ValueError(f"eos_ids must be a list of token ids, got {show(fields['eos_ids'])}")
     out["eos_ids"] = tuple(number("eos_ids", i, 0, vocab, integer=True) for i in fields["eos_ids"])
     return out
