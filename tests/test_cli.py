@@ -167,9 +167,11 @@ def test_one_row_runs_one_wide_and_a_closed_pipe_ends_quietly(files, tmp_path, c
     monkeypatch.setattr(batch, "generate", lambda dec, params, ids, *a, **k: widths.append(len(ids)) or
                         real(dec, params, ids, *a, **k))
     out = tmp_path / "out.jsonl"
-    argv = ["--ckpt", str(files["ckpt"]), "--input", str(files["dir"] / "in.jsonl"), "--output", str(out),
+    # row 1 is fine, row 2 holds a lone surrogate: that row is skipped, the job runs one row, one row wide
+    argv = ["--ckpt", str(files["ckpt"]), "--input", str(files["dir"] / "surrogate.jsonl"), "--output", str(out),
             "--batch-size", "256", "--max-new-tokens", "2"]
     assert cli.run(script("generate"), argv) == 0
+    assert "skipping line 2: 'prompt' is not valid Unicode" in capsys.readouterr().err
     assert widths == [1] and [r["id"] for r in map(json.loads, out.read_text().splitlines())] == [1]
     assert cli.run(script("generate"), argv) == 0  # rerun: its own output, nothing left to do
     assert json.loads(capsys.readouterr().err.splitlines()[-1])["already_done"] == 1
@@ -199,3 +201,11 @@ def test_ctrl_c_mid_conversion_leaves_nothing(tmp_path):
     assert p.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "Error" not in err, err[-2000:]
     assert sorted(x.name for x in tmp_path.iterdir()) == ["hf"]  # no checkpoint, no hidden temporary directory
+
+
+def test_plan_refuses_a_context_of_zero(files):
+    """plan.py simulates devices before importing jax, so it runs in a subprocess."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "plan.py"), "--ckpt", str(files["ctx0"]), "--mesh", "1x1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
+    assert "max_seq_len must be in 1..16777216, got 0" in p.stderr and not p.stdout
