@@ -181,7 +181,7 @@ def profile(d: Any) -> dict[str, Any]:
 
 
 CONFIG_INTS: dict[str, tuple[int, int]] = {
-    "vocab_size": (1, MAX_TOKENS), "dim": (1, MAX_DIM), "n_layers": (1, 4096), "n_heads": (1, 4096),
+    "vocab_size": (1, MAX_TOKENS), "dim": (1, MAX_DIM), "n_layers": (0, 4096), "n_heads": (1, 4096),
     "n_kv_heads": (1, 4096), "hidden_dim": (1, MAX_DIM * 4), "max_seq_len": (1, MAX_TOKENS),
 }
 DTYPES = ("float32", "bfloat16", "float16")

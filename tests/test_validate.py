@@ -142,7 +142,7 @@ def _config(field: str, v: object) -> None:
     except ValueError as e:
         one_line(e)
         return
-    assert cfg.n_layers >= 1 and cfg.head_dim >= 2 and cfg.n_heads % cfg.n_kv_heads == 0
+    assert cfg.n_layers >= 0 and cfg.head_dim >= 2 and cfg.n_heads % cfg.n_kv_heads == 0
     assert all(0 <= i < cfg.vocab_size for i in cfg.eos_ids) and cfg.max_seq_len <= validate.MAX_TOKENS
 
 
