@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -52,8 +53,24 @@ def _stdout_gone() -> None:
         pass
 
 
+def _interruptible(handler: Any) -> None:
+    """Install ``handler`` for SIGINT, unless SIGINT is ignored (a background job) or this is not the main thread."""
+    try:
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        pass
+
+
+def exit_on_interrupt() -> None:
+    """Called by scripts before their slow imports: Ctrl-C there exits with 130 at once (nothing to clean up yet)
+    instead of a traceback from deep inside an import. ``run`` restores ``KeyboardInterrupt``."""
+    _interruptible(lambda *_: os._exit(130))
+
+
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Run ``main(argv)`` and map how it ends to an exit status (see the module docstring)."""
+    _interruptible(signal.default_int_handler)
     if os.environ.get("JAXSPEC_TRACEBACK"):
         return main(argv) or 0
     quiet = [False]

@@ -16,6 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jaxspec.cli import exit_on_interrupt  # noqa: E402
+
+exit_on_interrupt()  # Ctrl-C during the slow imports below: exit 130, no traceback
+
 from jaxspec import cli  # noqa: E402
 from jaxspec.checkpoint import DTYPES, CheckpointError, checkpoint_size, checkpoints_root, convert_checkpoint, registry  # noqa: E402
 

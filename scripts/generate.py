@@ -16,6 +16,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from jaxspec.cli import exit_on_interrupt  # noqa: E402
+
+exit_on_interrupt()  # Ctrl-C during the slow imports below: exit 130, no traceback
+
 import jax  # noqa: E402
 
 from jaxspec import cli, distributed, validate  # noqa: E402

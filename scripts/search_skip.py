@@ -21,6 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from jaxspec.cli import exit_on_interrupt  # noqa: E402
+
+exit_on_interrupt()  # Ctrl-C during the slow imports below: exit 130, no traceback
+
 from jaxspec import cli, validate  # noqa: E402
 from jaxspec.checkpoint import CheckpointError, load, resolve  # noqa: E402
 from jaxspec.data import calibration  # noqa: E402

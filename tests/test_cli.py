@@ -209,3 +209,15 @@ def test_plan_refuses_a_context_of_zero(files):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
     assert "max_seq_len must be in 1..16777216, got 0" in p.stderr and not p.stdout
+
+
+@pytest.mark.parametrize("name", ["generate", "search_skip"])
+def test_ctrl_c_while_importing(name):
+    p = subprocess.Popen([sys.executable, str(ROOT / "scripts" / f"{name}.py"), "--help"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # past interpreter start-up; jax and friends take seconds more to import
+    if p.poll() is not None:
+        pytest.skip("imports finished before the signal")
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and not err, err[-2000:]
