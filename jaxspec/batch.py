@@ -74,6 +74,8 @@ def parse_line(text: str, line: int) -> Row:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError("invalid JSON (nested too deeply)") from None
     rid, prompt, settings = validate.row(obj)
     return Row(rid, prompt, line, settings)
 
@@ -124,7 +126,7 @@ def _scan(path: Path) -> tuple[set[str], list[bytes], int, bytes]:
         try:
             obj = json.loads(part)
             key = json.dumps(obj["id"]) if isinstance(obj, dict) and obj.keys() >= RESULT_KEYS else None
-        except ValueError:  # bad JSON or UTF-8
+        except (ValueError, RecursionError):  # bad JSON or UTF-8
             key = None
         if key is None:
             raise BatchInputError(f"{path}: line {n} is not a batch result (a JSON object with "

@@ -105,6 +105,16 @@ def test_rows(obj):
     assert 1 <= row.settings.get("max_new_tokens", 1) <= validate.MAX_TOKENS
 
 
+def test_one_bad_row_is_that_rows_error(tmp_path):
+    path = tmp_path / "in.jsonl"
+    rows = ['{"id": 1, "prompt": "ok"}', '{"id": 2, "prompt": "\\ud800"}', "[" * 100_000, '{"id": 3, "prompt": "\xff"}']
+    path.write_bytes("\n".join(rows).encode("utf-8").replace(b"\xc3\xbf", b"\xff"))
+    good, errors = read_rows(path)
+    assert [r.id for r in good] == [1]
+    assert [(n, m.split(" (")[0]) for n, m in errors] == [(2, "'prompt' is not valid Unicode"), (3, "invalid JSON"),
+                                                         (4, "not valid UTF-8")]
+
+
 @settings(max_examples=100, deadline=None)
 @given(lines=st.lists(st.binary(max_size=40) | ROWS.map(lambda o: json.dumps(o).encode()), max_size=6))
 def test_read_rows_never_fails_on_content(tmp_path_factory, lines):
