@@ -39,7 +39,7 @@ import numpy as np
 from jaxspec.config import Config, SkipMask
 from jaxspec.decode import Decoder, Result, generate, prefill
 from jaxspec.model import KVCache, Layer, Params, forward, logits_of, mlp, rms_norm, rope
-from jaxspec.profile import PRESETS, Profile, model_id
+from jaxspec.profile import ADOPT_MARGIN, PRESETS, Profile, adopt, model_id
 from jaxspec.sampling import Sampling
 from jaxspec.speculative import SpecDecoder
 
@@ -548,7 +548,8 @@ def measure(params: Params, cfg: Config, prompts: list[list[int]], max_new: int,
                 if r == 0:
                     outputs[j][i] = res.tokens[0]
                     if j:
-                        counts[j] += [sum(res.stats[k]) for k in ("drafted", "accepted", "verify_calls")]
+                        s = res.stats.summary()
+                        counts[j] += [s["drafted"], s["accepted"], s["verify_calls"]]
     tps = toks / np.maximum(secs, 1e-9)
     out = []
     for j, c in enumerate(cands):
@@ -574,7 +575,7 @@ class SearchOptions:
     top: int = 3  # best distinct masks (by the proxy) timed end to end
     real_prompts: int = 6  # calibration prompts timed end to end (the first ones)
     repeats: int = 3  # interleaved rounds of real timing
-    margin: float = 0.0  # SSD is used only if its real speedup exceeds 1 + margin
+    margin: float = ADOPT_MARGIN  # SSD is used only if its lowest per-round speedup is at least 1 + margin
     seed: int = 0
     bench: bool = False  # also: random search at the same budget, and the starting points timed for real
 
@@ -692,7 +693,7 @@ def search(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], eos_id
     wall_s = time.perf_counter() - t_start
     ar, ours = timings[0], timings[1: 1 + opts.top]
     best = max(ours, key=lambda t: t.speedup)
-    use = best.speedup > 1 + opts.margin and best.lossless
+    use = adopt([1.0] * len(best.speedups), best.speedups, opts.margin) and best.lossless
     compile_s = calib.compile_s + proxy.compile_s + cost.compile_s + sum(t.compile_s for t in timings)
     warm_s = sum(t.warmup_s for t in timings)
     search_s = wall_s - (bench.get("other_search_s", 0.0) if opts.bench else 0.0)

@@ -171,8 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         res = run(ssd if mode == "ssd" else ar, not args.json)
         stats = {"mode": mode, **result_stats(res)}
-    if mode == "ssd" or args.compare:
-        stats["theta"] = round(res.stats["theta"][0], 4)
     if args.json:
         print(json.dumps({"text": text_of(tok, res.tokens[0], eos), "token_ids": res.tokens[0], "stats": stats}))
     else:

@@ -62,13 +62,13 @@ def test_greedy_ssd_accepts_and_drafts(params):
     prompt = tinymodel.progression(9, 2, 8)
     res = generate(SpecDecoder(CFG, skip=MASKS["few"], max_draft=6), params, [prompt], 40)
     s = res.stats
-    assert s["drafted"][0] > 0 and 0 < s["accepted"][0] <= s["drafted"][0]
+    assert s.drafted[0] > 0 and 0 < s.accepted[0] <= s.drafted[0]
     # Every verify emits accepted + 1 tokens, except possibly the last one cut by the budget.
-    assert s["accepted"][0] + s["verify_calls"][0] >= 40
-    assert s["verify_calls"][0] < 40  # fewer full-model passes than tokens: the point of speculation
+    assert s.accepted[0] + s.verify_calls[0] >= 40
+    assert s.verify_calls[0] < 40  # fewer full-model passes than tokens: the point of speculation
     full = generate(SpecDecoder(CFG, skip=MASKS["empty"], max_draft=6, adaptive=False), params, [prompt], 40,
                     theta=0.0)
-    assert full.stats["accepted"] == full.stats["drafted"]  # the full model drafting for itself: all accepted
+    assert (full.stats.accepted == full.stats.drafted).all()  # the full model drafting for itself: all accepted
 
 
 def test_ragged_batch_ssd_equals_single_rows(params):
@@ -158,7 +158,7 @@ def test_speculative_sampling_keeps_the_distribution():
     smp = Sampling(temperature=1.0)
     res = generate(SpecDecoder(cfg, smp, skip=mask, max_draft=3), params, [prompt] * n, 3, seed=7, theta=0.0)
     toks = np.asarray(res.tokens)
-    assert sum(res.stats["accepted"]) < sum(res.stats["drafted"])  # rejections happen, so residuals are exercised
+    assert sum(res.stats.accepted) < sum(res.stats.drafted)  # rejections happen, so residuals are exercised
 
     def dist(skip):
         fwd = jax.jit(forward, static_argnums=(1, 4))
