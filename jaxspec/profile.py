@@ -88,6 +88,11 @@ class Profile:
                    info={k: v for k, v in d.items() if k not in known})
 
 
+# What a checkpoint without a profile decodes with: n-gram drafting costs a lookup and, where nothing matches, one
+# plain step, and it was measured no slower than AR on prompts with nothing to copy (BENCHMARKS.md, "Draft sources").
+DEFAULT = Profile(mask=SkipMask(), drafter="ngram", use_ssd=True)
+
+
 def load_profile(path: str | Path, cfg: Config) -> Profile:
     """Read a profile (a file path or a preset name) and check it fits ``cfg``; ``ValueError`` otherwise."""
     if str(path) in PRESETS:

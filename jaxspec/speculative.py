@@ -10,7 +10,6 @@ sampling keeps the distribution (an n-gram draft is a point-mass proposal).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
@@ -280,18 +279,23 @@ class SpecDecoder(Decoder):
     def verify(self, params: Params, chunk: Array, cache: KVCache, n_draft: Array, done: Array
                ) -> tuple[Array, KVCache]:
         """Full-model logits over ``chunk`` (B, K+1) = [last, drafts], run at the smallest compiled length that
-        holds every live row's drafts (a multi-row matmul is not free on CPU), padded back to K+1."""
+        holds every live row's drafts (a multi-row matmul is not free on CPU), padded back to K+1.
+
+        The length is picked by one while loop per compiled length that runs once or never, not by ``lax.switch``:
+        XLA copies every cache buffer a conditional branch updates (the whole KV cache, each cycle), while a loop
+        updates its carried cache in place."""
         sizes = self.verify_sizes
         need = jnp.max(jnp.where(done, 0, n_draft)) + 1
         idx = jnp.sum(jnp.asarray(sizes) < need)
+        B, T = chunk.shape
+        logits = jnp.zeros((B, T, self.cfg.vocab_size), jnp.float32)
+        for i, t in enumerate(sizes):
+            def body(c: tuple[Array, Array, KVCache], t: int = t) -> tuple[Array, Array, KVCache]:
+                out, cache = forward(params, self.cfg, chunk[:, :t], c[2])
+                return jnp.bool_(False), jnp.pad(out, ((0, 0), (0, T - t), (0, 0))), cache
 
-        def run(t: int) -> Callable[[KVCache], tuple[Array, KVCache]]:
-            def f(c: KVCache) -> tuple[Array, KVCache]:
-                logits, c = forward(params, self.cfg, chunk[:, :t], c)
-                return jnp.pad(logits, ((0, 0), (0, chunk.shape[1] - t), (0, 0))), c
-            return f
-
-        return jax.lax.switch(idx, [run(t) for t in sizes], cache)
+            _, logits, cache = jax.lax.while_loop(lambda c: c[0], body, (idx == i, logits, cache))
+        return logits, cache
 
     def step(self, params: Params, state: State) -> State:
         """One draft-verify cycle for every live row."""
