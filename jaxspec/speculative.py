@@ -90,17 +90,19 @@ class SpecStats:
     draft_steps: Array  # draft-model forward passes run (batched: every row pays the longest row's)
     theta: Array  # float32 draft-exit threshold θ (governs model drafts only)
     acceptance_ema: Array  # float32 exponential moving average of the model drafts' acceptance rate (θ rule)
+    ngram_accepted_ema: Array  # float32 moving average of tokens accepted per n-gram proposal (sets its length)
     theta_trace: Array  # (B, max_new) float32: θ after each cycle
     drafted_trace: Array  # (B, max_new): drafts (either source) per cycle
     accepted_trace: Array  # (B, max_new)
 
     @classmethod
-    def create(cls, batch: int, max_new: int, theta: float = 0.6) -> SpecStats:
+    def create(cls, batch: int, max_new: int, theta: float = 0.6, ngram_k: int = 8) -> SpecStats:
         def z() -> Array:  # a fresh buffer each (the decode loop donates the state)
             return jnp.zeros((batch,), jnp.int32)
 
         return cls(z(), z(), z(), z(), z(), z(), jnp.full((batch,), theta, jnp.float32),
-                   jnp.zeros((batch,), jnp.float32), jnp.zeros((batch, max_new), jnp.float32),
+                   jnp.zeros((batch,), jnp.float32), jnp.full((batch,), ngram_k / 2, jnp.float32),
+                   jnp.zeros((batch, max_new), jnp.float32),
                    jnp.zeros((batch, max_new), jnp.int32),
                    jnp.zeros((batch, max_new), jnp.int32))
 
@@ -161,7 +163,10 @@ class SpecDecoder(Decoder):
     ``drafter``: ``skip`` drafts with the ``skip`` sublayers bypassed (θ-adaptive when ``adaptive``); ``ngram``
     copies up to ``ngram_k`` tokens that followed the latest earlier occurrence of the row's last ``ngram_min`` ..
     ``ngram_max`` tokens; ``hybrid`` uses the n-gram proposal where a row has a match and the skip draft elsewhere.
-    A row with no proposal verifies just its last token: the cycle is then a plain decoding step.
+    A row with no proposal verifies just its last token: the cycle is then a plain decoding step. With
+    ``adaptive_k`` a row proposes at most 1 + 2 × (its moving average of accepted n-gram tokens) of them (after
+    SuffixDecoding's match-confidence cap): the length doubles while copies are accepted and shrinks to one token
+    where they are not, so text that does not repeat its context pays for 2-token verifies, not k+1-token ones.
     """
 
     skip: SkipMask = SkipMask()
@@ -171,6 +176,7 @@ class SpecDecoder(Decoder):
     ngram_min: int = 2
     ngram_max: int = 4
     ngram_k: int = 8
+    adaptive_k: bool = True
 
     mode = "ssd"
 
@@ -204,7 +210,7 @@ class SpecDecoder(Decoder):
         return self.slots + 1
 
     def init_stats(self, batch: int, max_new: int, theta: float = 0.6) -> SpecStats:
-        return SpecStats.create(batch, max_new, theta)
+        return SpecStats.create(batch, max_new, theta, self.ngram_k)
 
     def draft_model(self, params: Params, state: State, key: Array, active: Array
                     ) -> tuple[Array, Array, Array | None, KVCache, Array]:
@@ -256,7 +262,10 @@ class SpecDecoder(Decoder):
         if self.needs_history:
             drafts, n_ng = ngram_propose(state.history, state.cache.lengths + 1, self.ngram_min, self.ngram_max,
                                          self.ngram_k)
-            n_ng = jnp.maximum(jnp.minimum(n_ng, room - 1), 0)
+            cap = room - 1
+            if self.adaptive_k:
+                cap = jnp.minimum(cap, 1 + jnp.floor(2 * state.stats.ngram_accepted_ema).astype(jnp.int32))
+            n_ng = jnp.maximum(jnp.minimum(n_ng, cap), 0)
             drafts = jnp.pad(drafts, ((0, 0), (0, K - self.ngram_k)))
         n_draft, cache, steps = n_ng, state.cache, jnp.int32(0)
         q = None if self.sampling.greedy else jax.nn.one_hot(drafts, V, dtype=jnp.float32)  # point-mass proposals
@@ -333,6 +342,8 @@ class SpecDecoder(Decoder):
             drafted_model=st.drafted_model + n_model, accepted_model=st.accepted_model + acc_model,
             verify_calls=st.verify_calls + live, draft_steps=st.draft_steps + jnp.where(live, n_steps, 0),
             theta=jnp.where(live, theta, st.theta), acceptance_ema=jnp.where(live, ema, st.acceptance_ema),
+            ngram_accepted_ema=jnp.where(live & (n_ng > 0), (st.ngram_accepted_ema + acc_ng) / 2,
+                                         st.ngram_accepted_ema),
             theta_trace=st.theta_trace.at[rows, trace_idx].set(theta, mode="drop"),
             drafted_trace=st.drafted_trace.at[rows, trace_idx].set(n_draft, mode="drop"),
             accepted_trace=st.accepted_trace.at[rows, trace_idx].set(acc, mode="drop"),

@@ -137,7 +137,7 @@ def test_eos_and_budget_inside_a_draft(params):
 
 
 def test_eos_and_budget_inside_an_ngram_draft(params):
-    q = tinymodel.progression(9, 2, 24)
+    q = tinymodel.progression(9, 2, 20)
     prompt = q + q[:8]  # the model continues the progression, and lookup copies it: q[8:16] are drafted at once
     free = generate(Decoder(CFG), params, [prompt], 30).tokens[0]
     assert free[:8] == q[8:16]
