@@ -144,7 +144,7 @@ def test_eos_and_budget_inside_an_ngram_draft(params):
     dec = SpecDecoder(CFG, eos_ids=(free[3],), drafter="ngram", ngram_k=8)
     res = generate(dec, params, [prompt], 30)
     assert res.tokens[0] == free[:4] and res.stats.verify_calls[0] == 1  # EOS cut the first (accepted) draft
-    for budget in (1, 2, 5, 9, 11):
+    for budget in (2, 5, 11):  # each budget compiles the loop once: a few, ending inside the first draft and later
         got = generate(SpecDecoder(CFG, drafter="ngram", ngram_k=8), params, [prompt], budget)
         assert got.tokens[0] == free[:budget]
 
