@@ -3,6 +3,7 @@
     python scripts/bench_tasks.py                          # summarization, code, chat/story: AR vs n-gram drafting
     python scripts/bench_tasks.py --drafter ngram --drafter hybrid --skip-attn 10,12 --rounds 3
     python scripts/bench_tasks.py --lookup-cost            # n-gram lookup cost vs one decode step, 128 and 4k history
+    python scripts/bench_tasks.py --verify-cost            # a cycle verifying 1 or 2 tokens vs one AR step
 
 Prompts: aclsum evaluation abstracts ("summarize"), HumanEval evaluation functions, MT-Bench evaluation questions
 plus story requests, each in the chat template. A round runs every prompt with every decoder back to back, in an
@@ -81,6 +82,26 @@ def lookup_cost(params, cfg, n: int = 64) -> None:  # noqa: ANN001
               f"ratio {t_look / t_step:.4f}")
 
 
+def verify_cost(params, cfg, prompt: list[int], n: int, rounds: int) -> None:  # noqa: ANN001
+    """Seconds per speculative cycle that verifies 1 token (n-gram lookup that never matches: n = 16) and 2 tokens
+    (1-gram lookup proposing 1 token, which nearly always matches) against seconds per AR step, interleaved."""
+    decs = {"ar": Decoder(cfg), "1-token verify": SpecDecoder(cfg, drafter="ngram", ngram_min=16, ngram_max=16),
+            "2-token verify": SpecDecoder(cfg, drafter="ngram", ngram_min=1, ngram_max=1, ngram_k=1,
+                                          adaptive_k=False)}
+    for d in decs.values():
+        generate(d, params, [prompt], n)
+    per: dict[str, list[float]] = {k: [] for k in decs}
+    for r in range(rounds):
+        for k in np.roll(list(decs), -r):
+            res = generate(decs[k], params, [prompt], n)
+            per[k].append(res.decode_s / (n if res.stats is None else int(res.stats.verify_calls[0])))
+    for k in list(decs)[1:]:
+        ratio = np.asarray(per[k]) / np.asarray(per["ar"])
+        ms, ar_ms = statistics.median(per[k]) * 1e3, statistics.median(per["ar"]) * 1e3
+        print(f"- {k} cycle: {ms:.1f} ms vs AR step {ar_ms:.1f} ms: **{np.median(ratio):.3f}x** "
+              f"(rounds {', '.join(f'{x:.3f}' for x in ratio)})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", default="smollm2-135m")
@@ -94,6 +115,7 @@ def main() -> None:
     ap.add_argument("--fixed-k", action="store_true", help="also each drafter proposing n-gram continuations at "
                     "full length k (no adaptive length)")
     ap.add_argument("--lookup-cost", action="store_true", help="only time the n-gram lookup against a decode step")
+    ap.add_argument("--verify-cost", action="store_true", help="only time 1- and 2-token verify cycles against AR")
     args = ap.parse_args()
 
     cfg, params, tok = load(args.ckpt)
@@ -101,6 +123,9 @@ def main() -> None:
           f"{os.getloadavg()[0]:.2f}\n")
     if args.lookup_cost:
         lookup_cost(params, cfg)
+        return
+    if args.verify_cost:
+        verify_cost(params, cfg, task_prompts(tok, 1)["chat/story"][0], args.max_new_tokens, max(args.rounds, 3))
         return
     mask = SkipMask(tuple(int(x) for x in args.skip_attn.split(",") if x),
                     tuple(int(x) for x in args.skip_mlp.split(",") if x))
