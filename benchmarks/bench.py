@@ -135,12 +135,11 @@ def main() -> None:
         # Predicted time in full-step units from each cycle's measured draft steps and verify chunk length.
         pred_cost, tokens = 0.0, 0
         for r in ssd:
-            for nd in r.stats["drafted_trace"][0][: r.stats["verify_calls"][0]]:
+            for nd in r.stats.drafted_trace[0][: r.stats.verify_calls[0]]:
                 pred_cost += nd * c_draft + c_verify[min(t for t in dec.verify_sizes if t >= nd + 1)]
             tokens += r.new_tokens
-        drafted = sum(sum(r.stats["drafted"]) for r in ssd)
-        accepted = sum(sum(r.stats["accepted"]) for r in ssd)
-        calls = sum(sum(r.stats["verify_calls"]) for r in ssd)
+        drafted, accepted, calls = (sum(r.stats.summary()[k] for r in ssd) for k in ("drafted", "accepted",
+                                                                                       "verify_calls"))
         same = all(s.tokens == a.tokens for s, a in zip(ssd, ar_again * args.repeats, strict=False))
         ar_tps2 = tps(ar_again)
         print(f"| {name} | {len(mask.attn)}+{len(mask.mlp)} | {c_draft:.2f} | {accepted / drafted:.2f} | "

@@ -232,10 +232,8 @@ def _row_stats(res: Result, b: int, decoder: Decoder, batch: Batch) -> dict[str,
                           "finish": "eos" if toks and toks[-1] in decoder.eos_ids else "length",
                           "mode": decoder.mode, "batch": batch.index, "batch_rows": len(batch.rows),
                           "batch_tokens_per_s": round(res.tokens_per_s, 2)}
-    if "drafted" in res.stats:
-        d, a, c = (int(res.stats[k][b]) for k in ("drafted", "accepted", "verify_calls"))
-        st.update(drafted=d, accepted=a, verify_calls=c, acceptance_rate=round(a / d, 4) if d else 0.0,
-                  theta=round(float(res.stats["theta"][b]), 4))
+    if res.stats is not None:
+        st.update(res.stats.summary(b))
     return st
 
 

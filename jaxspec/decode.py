@@ -11,6 +11,7 @@ import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,8 @@ class State:
     done: Array  # (B,) bool
     budget: Array  # (B,) max new tokens per row
     key: Array
-    stats: dict[str, Array]  # per-row counters (speculative decoding fills them)
+    stats: Any  # decoder-owned pytree of per-row counters (``speculative.SpecStats``; None for AR)
+    history: Array | None = None  # (B, capacity) prompt + accepted tokens, [0, cache.lengths] valid (n-gram drafts)
 
 
 def bucket(n: int, buckets: tuple[int, ...] = PREFILL_BUCKETS) -> int:
@@ -58,11 +60,13 @@ class Decoder:
 
     mode = "ar"
     extra = 0  # cache slots needed beyond prompt + new tokens (speculative scratch)
+    needs_history = False  # whether the state carries each row's token history (n-gram drafting)
 
-    def init_stats(self, batch: int, max_new: int) -> dict[str, Array]:
-        return {}
+    def init_stats(self, batch: int, max_new: int) -> Any:
+        """Per-row counters carried in the state (a pytree); AR keeps none."""
+        return None
 
-    def stop(self, state: State, new: Array, keep: Array) -> State:
+    def append(self, state: State, new: Array, keep: Array) -> State:
         """Append tokens ``new`` (B, K) where ``keep`` (B, K) to ``state.out``, cutting at EOS and budget."""
         B, K = new.shape
         is_eos = jnp.isin(new, jnp.asarray(self.eos_ids, jnp.int32)) if self.eos_ids else jnp.zeros_like(keep)
@@ -84,7 +88,7 @@ class Decoder:
         logits, cache = forward(params, self.cfg, state.last[:, None], state.cache)
         key, sub = jax.random.split(state.key)
         nxt = sample(sub, logits[:, 0], self.sampling)
-        state = self.stop(state, nxt[:, None], jnp.ones((nxt.shape[0], 1), bool))
+        state = self.append(state, nxt[:, None], jnp.ones((nxt.shape[0], 1), bool))
         cache = cache.replace(lengths=jnp.where(state.done, state.cache.lengths, cache.lengths))
         return state.replace(cache=cache, last=jnp.where(state.done, state.last, nxt), key=key)
 
@@ -132,6 +136,12 @@ def prefill(params: Params, decoder: Decoder, prompts: list[list[int]], max_new:
         for b, p in enumerate(prompts):
             toks[b, : len(p) - 1] = p[:-1]
         cache = _prefill(params, cfg, jnp.asarray(toks), cache, jnp.asarray([len(p) - 1 for p in prompts], jnp.int32))
+    history = None
+    if decoder.needs_history:
+        hist = np.zeros((B, max_len), np.int32)
+        for b, p in enumerate(prompts):
+            hist[b, : len(p)] = p
+        history = jnp.asarray(hist)
     state = State(
         cache=cache,
         last=jnp.asarray([p[-1] for p in prompts], jnp.int32),
@@ -141,6 +151,7 @@ def prefill(params: Params, decoder: Decoder, prompts: list[list[int]], max_new:
         budget=jnp.asarray(budgets, jnp.int32),
         key=jax.random.key(seed),
         stats=decoder.init_stats(B, max(budgets), **init),
+        history=history,
     )
     # Commit every array to its device: jit keys its executable cache on committedness, and the loop's own outputs
     # are committed, so uncommitted inputs would compile (and lazily JIT kernels) a second time.
@@ -154,7 +165,7 @@ class Result:
     prefill_s: float
     decode_s: float
     compile_s: float  # decode-loop compilation, excluded from decode_s
-    stats: dict[str, list[int]]
+    stats: Any  # the decoder's final counters as NumPy (``speculative.SpecStats``), None for AR
 
     @property
     def new_tokens(self) -> int:
@@ -196,17 +207,14 @@ def generate(decoder: Decoder, params: Params, prompts: list[list[int]], max_new
     return Result(tokens=[out[b, : n[b]].tolist() for b in range(len(prompts))],
                   prompt_tokens=[len(p) for p in prompts], prefill_s=t1 - t_compile - t0, decode_s=t2 - t1,
                   compile_s=t_compile,
-                  stats={k: np.asarray(v).tolist() for k, v in final.stats.items()})
+                  stats=jax.tree.map(np.asarray, final.stats))
 
 
 def result_stats(r: Result) -> dict[str, float | int | str]:
-    """Aggregate counters of a ``Result`` for printing and JSON (speculative counters when present)."""
+    """Aggregate counters of a ``Result`` for printing and JSON (plus the decoder's own summary, if any)."""
     out: dict[str, float | int | str] = {"prompt_tokens": sum(r.prompt_tokens), "new_tokens": r.new_tokens,
                                          "prefill_s": round(r.prefill_s, 4), "decode_s": round(r.decode_s, 4),
                                          "tokens_per_s": round(r.tokens_per_s, 2)}
-    if "drafted" in r.stats:
-        drafted, accepted, calls = (sum(r.stats[k]) for k in ("drafted", "accepted", "verify_calls"))
-        out.update(drafted=drafted, accepted=accepted, verify_calls=calls,
-                   acceptance_rate=round(accepted / drafted, 4) if drafted else 0.0,
-                   mean_accepted=round(accepted / calls, 3) if calls else 0.0)
+    if r.stats is not None:
+        out.update(r.stats.summary())
     return out

@@ -1,4 +1,5 @@
-"""Skip profiles: which sublayers a checkpoint's draft skips, with θ and ``max_draft``, bound to one model.
+"""Profiles: the drafter a checkpoint decodes with (skip mask, θ, ``max_draft``, n-gram settings), bound to one model,
+and the rule that adopts a configuration only on evidence.
 
 A profile is JSON beside the checkpoint (``skip_profile.json``). ``model_id`` hashes the config and weight shapes so a
 profile made for another model is refused. Named presets hold the masks the paper's authors published.
@@ -12,12 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from jaxspec import validate
 from jaxspec.config import Config, SkipMask
 from jaxspec.files import atomic_write
 from jaxspec.model import param_shapes
 
 PROFILE_NAME = "skip_profile.json"
+ADOPT_MARGIN = 0.03  # a configuration must beat AR by 3% at its lower bound to be adopted
 
 # Draft & Verify's published masks (their repository's skip_layers.json), 0-based layer indices.
 PUBLISHED_MASKS: dict[str, tuple[int, SkipMask]] = {
@@ -45,26 +49,49 @@ def model_id(cfg: Config) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def speedup_lower_bound(ar_tps: Any, cand_tps: Any) -> float:
+    """The lowest per-round ratio of a candidate's tokens/s over AR's (rounds interleaved, so a round's two figures
+    share its noise): a conservative bound on the candidate's speedup."""
+    return float(np.min(np.asarray(cand_tps, np.float64) / np.asarray(ar_tps, np.float64)))
+
+
+def adopt(ar_tps: Any, cand_tps: Any, margin: float = ADOPT_MARGIN) -> bool:
+    """Whether measured rounds justify using a candidate instead of AR: its speedup's lower bound beats AR by
+    ``margin`` (a tie within noise keeps AR)."""
+    return speedup_lower_bound(ar_tps, cand_tps) >= 1 + margin
+
+
 @dataclass
 class Profile:
     mask: SkipMask
     threshold: float = 0.6
     max_draft: int = 12
     model_id: str | None = None
-    use_ssd: bool = True  # False when no mask beat autoregressive decoding on the profiled device
+    use_ssd: bool = True  # False when no configuration beat autoregressive decoding (``adopt``) on its device
+    drafter: str = "skip"  # speculative.DRAFTERS: skip, ngram or hybrid
+    ngram: tuple[int, int, int] = (2, 4, 8)  # n-gram min, max and proposal length k
+    speedup: float | None = None  # measured speedup over AR that adopted it
     info: dict[str, Any] = field(default_factory=dict)  # measurements, device, search trace, ...
 
     def to_json(self) -> dict[str, Any]:
         return {"model_id": self.model_id, "mask": self.mask.to_json(), "threshold": self.threshold,
-                "max_draft": self.max_draft, "use_ssd": self.use_ssd, **self.info}
+                "max_draft": self.max_draft, "use_ssd": self.use_ssd, "drafter": self.drafter,
+                "ngram": list(self.ngram), "speedup": self.speedup, **self.info}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Profile:
         validate.profile(d)  # the rules of --threshold and --max-draft hold for a file's values too
-        known = {"model_id", "mask", "threshold", "max_draft", "use_ssd"}
+        known = {"model_id", "mask", "threshold", "max_draft", "use_ssd", "drafter", "ngram", "speedup"}
         return cls(mask=SkipMask.from_json(d["mask"]), threshold=float(d.get("threshold", 0.6)),
                    max_draft=int(d.get("max_draft", 12)), model_id=d.get("model_id"),
-                   use_ssd=bool(d.get("use_ssd", True)), info={k: v for k, v in d.items() if k not in known})
+                   use_ssd=bool(d.get("use_ssd", True)), drafter=str(d.get("drafter", "skip")),
+                   ngram=tuple(int(x) for x in d.get("ngram", (2, 4, 8))), speedup=d.get("speedup"),
+                   info={k: v for k, v in d.items() if k not in known})
+
+
+# What a checkpoint without a profile decodes with: n-gram drafting costs a lookup and, where nothing matches, one
+# plain step, and it was measured no slower than AR on prompts with nothing to copy (BENCHMARKS.md, "Draft sources").
+DEFAULT = Profile(mask=SkipMask(), drafter="ngram", use_ssd=True)
 
 
 def load_profile(path: str | Path, cfg: Config) -> Profile:

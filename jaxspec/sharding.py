@@ -148,7 +148,11 @@ class MeshDecoder(Decoder):
     def extra(self) -> int:  # type: ignore[override]
         return self.inner.extra
 
-    def init_stats(self, batch: int, max_new: int, **init: float) -> dict[str, Array]:
+    @property
+    def needs_history(self) -> bool:  # type: ignore[override]
+        return self.inner.needs_history
+
+    def init_stats(self, batch: int, max_new: int, **init: float) -> Any:
         return self.inner.init_stats(batch, max_new, **init)
 
     def pin(self, state: State) -> State:

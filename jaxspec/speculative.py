@@ -1,19 +1,22 @@
-"""Self-speculative decoding (Draft & Verify): the model with skipped sublayers drafts, the full model verifies.
+"""Speculative decoding on device: drafts copied from each row's own context (n-gram lookup) or drafted by the model
+with skipped sublayers (Draft & Verify), verified by the full model.
 
-One ``step`` is a whole cycle, compiled inside the decode loop's ``lax.while_loop``: draft up to ``max_draft``
-tokens (stopping early when the draft's top-1 probability falls below θ), verify them in one full-model forward
-pass, keep the longest agreeing prefix plus one token from the full model, roll the cache back by length and adapt
-θ. Greedy output equals plain greedy decoding; with sampling, speculative sampling keeps the distribution.
+One ``step`` is a whole cycle, compiled inside the decode loop's ``lax.while_loop``: propose drafts (an n-gram
+continuation, or up to ``max_draft`` skip-model tokens, stopping early when the draft's top-1 probability falls below
+θ), verify them in one full-model forward pass, keep the longest agreeing prefix plus one token from the full model,
+roll the cache back by length and adapt θ. Greedy output equals plain greedy decoding; with sampling, speculative
+sampling keeps the distribution (an n-gram draft is a point-mass proposal).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import struct
 
 from jaxspec.config import SkipMask
 from jaxspec.decode import Decoder, State
@@ -60,47 +63,163 @@ def accept_sample(key: Array, drafts: Array, n_draft: Array, q: Array, p: Array)
     return n_acc, tokens
 
 
-def update_threshold(theta: Array, m: Array, n_acc: Array, n_draft: Array, max_draft: int,
+def update_threshold(theta: Array, ema: Array, n_acc: Array, n_draft: Array, max_draft: int,
                      step: float = 0.01, target: float = 0.9, alpha: float = 0.5, beta: float = 0.9,
                      xp: Any = jnp) -> tuple[Array, Array]:
-    """The paper's adaptive θ rule, per row; rows that drafted nothing keep θ and m. ``xp``: the array module
-    (``numpy`` for the skip search's simulator, which replays this same rule on the host)."""
+    """The paper's adaptive θ rule, per row, on ``ema``, the moving average of the acceptance rate (the paper's m);
+    rows that drafted nothing keep θ and ``ema``. ``xp``: the array module (``numpy`` for the skip search's
+    simulator, which replays this same rule on the host)."""
     r = n_acc / xp.maximum(n_draft, 1)
-    m_new = alpha * m + (1 - alpha) * r
+    m_new = alpha * ema + (1 - alpha) * r
     goal = xp.where(m_new < target, theta + step, xp.where(n_draft >= max_draft, theta, theta - step))
     theta_new = beta * theta + (1 - beta) * goal
     drafted = n_draft > 0
-    return xp.where(drafted, theta_new, theta), xp.where(drafted, m_new, m)
+    return xp.where(drafted, theta_new, theta), xp.where(drafted, m_new, ema)
+
+
+DRAFTERS = ("skip", "ngram", "hybrid")
+
+
+@struct.dataclass
+class SpecStats:
+    """Per-row speculative counters, (B,) unless noted; drafts are counted by source (n-gram copy or model)."""
+
+    drafted_ngram: Array  # tokens proposed by n-gram lookup
+    accepted_ngram: Array  # ... of which the full model accepted
+    drafted_model: Array  # tokens drafted by the skip-mask model
+    accepted_model: Array
+    verify_calls: Array  # full-model verify passes (= cycles)
+    draft_steps: Array  # draft-model forward passes run (batched: every row pays the longest row's)
+    theta: Array  # float32 draft-exit threshold θ (governs model drafts only)
+    acceptance_ema: Array  # float32 exponential moving average of the model drafts' acceptance rate (θ rule)
+    ngram_accepted_ema: Array  # float32 moving average of tokens accepted per n-gram proposal (sets its length)
+    theta_trace: Array  # (B, max_new) float32: θ after each cycle
+    drafted_trace: Array  # (B, max_new): drafts (either source) per cycle
+    accepted_trace: Array  # (B, max_new)
+
+    @classmethod
+    def create(cls, batch: int, max_new: int, theta: float = 0.6, ngram_k: int = 8) -> SpecStats:
+        def z() -> Array:  # a fresh buffer each (the decode loop donates the state)
+            return jnp.zeros((batch,), jnp.int32)
+
+        return cls(z(), z(), z(), z(), z(), z(), jnp.full((batch,), theta, jnp.float32),
+                   jnp.zeros((batch,), jnp.float32), jnp.full((batch,), ngram_k / 2, jnp.float32),
+                   jnp.zeros((batch, max_new), jnp.float32),
+                   jnp.zeros((batch, max_new), jnp.int32),
+                   jnp.zeros((batch, max_new), jnp.int32))
+
+    @property
+    def drafted(self) -> Array:
+        return self.drafted_ngram + self.drafted_model
+
+    @property
+    def accepted(self) -> Array:
+        return self.accepted_ngram + self.accepted_model
+
+    def summary(self, row: int | None = None) -> dict[str, int | float]:
+        """Counters summed over rows (or of one ``row``), with acceptance rate, accepted drafts per verify and the
+        mean θ: what the CLIs print and batch jobs record."""
+        def tot(a: Array) -> int:
+            return int(np.sum(np.asarray(a) if row is None else np.asarray(a)[row]))
+
+        d, a, c = tot(self.drafted), tot(self.accepted), tot(self.verify_calls)
+        theta = np.asarray(self.theta)
+        return {"drafted": d, "accepted": a, "drafted_ngram": tot(self.drafted_ngram),
+                "accepted_ngram": tot(self.accepted_ngram), "drafted_model": tot(self.drafted_model),
+                "accepted_model": tot(self.accepted_model), "verify_calls": c,
+                "acceptance_rate": round(a / d, 4) if d else 0.0, "mean_accepted": round(a / c, 3) if c else 0.0,
+                "theta": round(float(theta.mean() if row is None else theta[row]), 4)}
+
+
+def ngram_propose(history: Array, length: Array, n_min: int, n_max: int, k: int) -> tuple[Array, Array]:
+    """Prompt lookup over each row's token history: the last n tokens (n from ``n_max`` down to ``n_min``, longest
+    match wins) are searched in ``history[b, :length[b]]``; at their most recent earlier occurrence the up to ``k``
+    tokens that followed are proposed. Returns (drafts (B, k), count (B,)), count 0 where nothing matches.
+
+    One vectorized pass: ``match`` holds, for every end position e, whether ``history[e-t] == history[L-1-t]`` for
+    all t so far; it costs O(n_max * capacity) elementwise ops per row (see BENCHMARKS.md for its cost at 4k).
+    """
+    B, C = history.shape
+    pos = jnp.arange(C, dtype=jnp.int32)[None]
+    last = length[:, None] - 1  # index of the newest token
+    match = jnp.ones((B, C), bool)
+    best = jnp.full((B,), -1, jnp.int32)
+    for t in range(n_max):
+        shifted = jnp.pad(history[:, : C - t], ((0, 0), (t, 0)), constant_values=-1)  # shifted[e] = history[e - t]
+        tail = jnp.take_along_axis(history, jnp.maximum(last - t, 0), axis=1)  # history[L-1-t]
+        match = match & (shifted == tail)
+        if t + 1 >= n_min:  # a match of length t+1 ending at e < L-1 (so a token follows it), suffix inside history
+            ok = match & (pos < last) & (last - t >= 0)
+            end = jnp.max(jnp.where(ok, pos, -1), axis=1)
+            best = jnp.where(end >= 0, end, best)  # longer matches come later and win
+    idx = jnp.clip(best[:, None] + 1 + jnp.arange(k, dtype=jnp.int32)[None], 0, C - 1)
+    count = jnp.where(best >= 0, jnp.minimum(k, last[:, 0] - best), 0)
+    drafts = jnp.where(jnp.arange(k)[None] < count[:, None], jnp.take_along_axis(history, idx, axis=1), 0)
+    return drafts, count.astype(jnp.int32)
 
 
 @dataclass(frozen=True)
 class SpecDecoder(Decoder):
-    """Draft with ``skip`` sublayers bypassed, verify with the full model; ``adaptive`` turns the θ rule on."""
+    """Speculative decoding with a draft source and full-model verification.
+
+    ``drafter``: ``skip`` drafts with the ``skip`` sublayers bypassed (θ-adaptive when ``adaptive``); ``ngram``
+    copies up to ``ngram_k`` tokens that followed the latest earlier occurrence of the row's last ``ngram_min`` ..
+    ``ngram_max`` tokens; ``hybrid`` uses the n-gram proposal where a row has a match and the skip draft elsewhere.
+    A row with no proposal verifies just its last token: the cycle is then a plain decoding step. With
+    ``adaptive_k`` a row proposes at most 1 + 2 × (its moving average of accepted n-gram tokens) of them (after
+    SuffixDecoding's match-confidence cap): the length doubles while copies are accepted and shrinks to one token
+    where they are not, so text that does not repeat its context pays for 2-token verifies, not k+1-token ones.
+    """
 
     skip: SkipMask = SkipMask()
     max_draft: int = 12
     adaptive: bool = True
+    drafter: str = "skip"
+    ngram_min: int = 2
+    ngram_max: int = 4
+    ngram_k: int = 8
+    adaptive_k: bool = True
 
     mode = "ssd"
 
+    def __post_init__(self) -> None:
+        if self.drafter not in DRAFTERS:
+            raise ValueError(f"drafter must be one of {', '.join(DRAFTERS)}, got {self.drafter!r}")
+        if not 1 <= self.max_draft <= 64:
+            raise ValueError(f"max_draft must be in 1..64, got {self.max_draft}")
+        if not 1 <= self.ngram_min <= self.ngram_max <= 16:
+            raise ValueError(f"n-gram lengths need 1 <= ngram_min <= ngram_max <= 16, got {self.ngram_min}.."
+                             f"{self.ngram_max}")
+        if not 1 <= self.ngram_k <= 64 or self.ngram_k + 1 >= self.cfg.max_seq_len:
+            raise ValueError(f"ngram_k must be in 1..64 and below the context of {self.cfg.max_seq_len} tokens, "
+                             f"got {self.ngram_k}")
+
     @property
-    def extra(self) -> int:  # verify writes up to max_draft + 1 positions past the accepted length
-        return self.max_draft + 1
+    def uses_model(self) -> bool:
+        return self.drafter != "ngram"
 
-    def init_stats(self, batch: int, max_new: int, theta: float = 0.6) -> dict[str, Array]:
-        def z() -> Array:
-            return jnp.zeros((batch,), jnp.int32)
+    @property
+    def needs_history(self) -> bool:  # type: ignore[override]
+        return self.drafter != "skip"
 
-        return {"drafted": z(), "accepted": z(), "verify_calls": z(), "draft_steps": z(),
-                "theta": jnp.full((batch,), theta, jnp.float32), "m": jnp.zeros((batch,), jnp.float32),
-                "theta_trace": jnp.zeros((batch, max_new), jnp.float32),
-                "drafted_trace": jnp.zeros((batch, max_new), jnp.int32),
-                "accepted_trace": jnp.zeros((batch, max_new), jnp.int32)}
+    @property
+    def slots(self) -> int:
+        """Most tokens drafted per cycle (the verify chunk holds ``slots + 1``)."""
+        return max(self.max_draft if self.uses_model else 0, self.ngram_k if self.needs_history else 0)
 
-    def draft(self, params: Params, state: State, key: Array) -> tuple[Array, Array, Array | None, Array, Array]:
-        """Draft up to ``max_draft`` tokens per row; returns (drafts, n_draft, q or None, cache, steps run)."""
+    @property
+    def extra(self) -> int:  # verify writes up to slots + 1 positions past the accepted length
+        return self.slots + 1
+
+    def init_stats(self, batch: int, max_new: int, theta: float = 0.6) -> SpecStats:
+        return SpecStats.create(batch, max_new, theta, self.ngram_k)
+
+    def draft_model(self, params: Params, state: State, key: Array, active: Array
+                    ) -> tuple[Array, Array, Array | None, KVCache, Array]:
+        """Draft up to ``max_draft`` tokens per ``active`` row with the skip-mask model; returns (drafts, n_draft,
+        q or None, cache, steps run). Zero loop iterations when no row is active."""
         B, K, V = state.last.shape[0], self.max_draft, self.cfg.vocab_size
-        theta = state.stats["theta"]
+        theta = state.stats.theta
         room = state.budget - state.n_out  # tokens this row may still emit; a cycle emits n_draft + 1 at most
         eos = jnp.asarray(self.eos_ids or (-1,), jnp.int32)
         greedy = self.sampling.greedy
@@ -129,38 +248,71 @@ class SpecDecoder(Decoder):
             return d + 1, cache, nxt, active, drafts, q, n_draft, key
 
         q0 = None if greedy else jnp.zeros((B, K, V), jnp.float32)
-        init = (jnp.int32(0), state.cache, state.last, ~state.done & (room > 1), jnp.zeros((B, K), jnp.int32), q0,
-                jnp.zeros((B,), jnp.int32), key)
+        init = (jnp.int32(0), state.cache, state.last, active & ~state.done & (room > 1), jnp.zeros((B, K), jnp.int32),
+                q0, jnp.zeros((B,), jnp.int32), key)
         d, cache, _, _, drafts, q, n_draft, _ = jax.lax.while_loop(cond, body, init)
         return drafts, n_draft, q, cache, d
 
+    def draft(self, params: Params, state: State, key: Array) -> tuple[Array, Array, Array, Array | None, KVCache,
+                                                                         Array]:
+        """Every row's proposal for this cycle: (drafts (B, slots), n_draft, n_ngram (drafts copied by n-gram
+        lookup), q (B, slots, V) draft distributions or None when greedy, cache, model draft steps)."""
+        B, K, V = state.last.shape[0], self.slots, self.cfg.vocab_size
+        live = ~state.done
+        room = jnp.where(live, state.budget - state.n_out, 0)
+        drafts, n_ng = jnp.zeros((B, K), jnp.int32), jnp.zeros((B,), jnp.int32)
+        if self.needs_history:
+            drafts, n_ng = ngram_propose(state.history, state.cache.lengths + 1, self.ngram_min, self.ngram_max,
+                                         self.ngram_k)
+            cap = room - 1
+            if self.adaptive_k:
+                cap = jnp.minimum(cap, 1 + jnp.floor(2 * state.stats.ngram_accepted_ema).astype(jnp.int32))
+            n_ng = jnp.maximum(jnp.minimum(n_ng, cap), 0)
+            drafts = jnp.pad(drafts, ((0, 0), (0, K - self.ngram_k)))
+        n_draft, cache, steps = n_ng, state.cache, jnp.int32(0)
+        q = None if self.sampling.greedy else jax.nn.one_hot(drafts, V, dtype=jnp.float32)  # point-mass proposals
+        if self.uses_model:
+            d_m, n_m, q_m, cache, steps = self.draft_model(params, state, key, n_ng == 0)
+            pad = ((0, 0), (0, K - self.max_draft))
+            from_model = (n_m > 0)[:, None]
+            drafts = jnp.where(from_model, jnp.pad(d_m, pad), drafts)
+            n_draft = n_draft + n_m
+            if q is not None:
+                q = jnp.where(from_model[..., None], jnp.pad(q_m, (*pad, (0, 0))), q)
+        return drafts, n_draft, n_ng, q, cache, steps
+
     @property
     def verify_sizes(self) -> tuple[int, ...]:
-        """Verify chunk lengths compiled (each is one more compiled forward pass): 2, 4, 8, ... below
-        ``max_draft + 1``, then ``max_draft + 1``."""
-        return tuple(t for t in (2, 4, 8, 16, 32) if t < self.max_draft + 1) + (self.max_draft + 1,)
+        """Verify chunk lengths compiled (each is one more compiled forward pass): 1, 2, 4, 8, ... below
+        ``slots + 1``, then ``slots + 1``."""
+        return tuple(t for t in (1, 2, 4, 8, 16, 32) if t < self.slots + 1) + (self.slots + 1,)
 
     def verify(self, params: Params, chunk: Array, cache: KVCache, n_draft: Array, done: Array
                ) -> tuple[Array, KVCache]:
         """Full-model logits over ``chunk`` (B, K+1) = [last, drafts], run at the smallest compiled length that
-        holds every live row's drafts (a multi-row matmul is not free on CPU), padded back to K+1."""
+        holds every live row's drafts (a multi-row matmul is not free on CPU), padded back to K+1.
+
+        The length is picked by one while loop per compiled length that runs once or never, not by ``lax.switch``:
+        XLA copies every cache buffer a conditional branch updates (the whole KV cache, each cycle), while a loop
+        updates its carried cache in place."""
         sizes = self.verify_sizes
         need = jnp.max(jnp.where(done, 0, n_draft)) + 1
         idx = jnp.sum(jnp.asarray(sizes) < need)
+        B, T = chunk.shape
+        logits = jnp.zeros((B, T, self.cfg.vocab_size), jnp.float32)
+        for i, t in enumerate(sizes):
+            def body(c: tuple[Array, Array, KVCache], t: int = t) -> tuple[Array, Array, KVCache]:
+                out, cache = forward(params, self.cfg, chunk[:, :t], c[2])
+                return jnp.bool_(False), jnp.pad(out, ((0, 0), (0, T - t), (0, 0))), cache
 
-        def run(t: int) -> Callable[[KVCache], tuple[Array, KVCache]]:
-            def f(c: KVCache) -> tuple[Array, KVCache]:
-                logits, c = forward(params, self.cfg, chunk[:, :t], c)
-                return jnp.pad(logits, ((0, 0), (0, chunk.shape[1] - t), (0, 0))), c
-            return f
-
-        return jax.lax.switch(idx, [run(t) for t in sizes], cache)
+            _, logits, cache = jax.lax.while_loop(lambda c: c[0], body, (idx == i, logits, cache))
+        return logits, cache
 
     def step(self, params: Params, state: State) -> State:
         """One draft-verify cycle for every live row."""
         key, k_draft, k_verify = jax.random.split(state.key, 3)
         start = state.cache.lengths
-        drafts, n_draft, q, cache, n_steps = self.draft(params, state, k_draft)
+        drafts, n_draft, n_ng, q, cache, n_steps = self.draft(params, state, k_draft)
         chunk = jnp.concatenate([state.last[:, None], drafts], axis=1)
         logits, cache = self.verify(params, chunk, cache.replace(lengths=start), n_draft, state.done)
         if self.sampling.greedy:
@@ -169,23 +321,33 @@ class SpecDecoder(Decoder):
             n_acc, tokens = accept_sample(k_verify, drafts, n_draft, q, probs(logits, self.sampling))
         live = ~state.done
         keep = jnp.arange(tokens.shape[1])[None] <= n_acc[:, None]
-        new = self.stop(state, tokens, keep)
+        new = self.append(state, tokens, keep)
         rows = jnp.arange(tokens.shape[0])
         last = jnp.where(live, tokens[rows, n_acc], state.last)
         lengths = jnp.where(live, start + 1 + n_acc, start)
-        st = dict(state.stats)
-        theta, m = st["theta"], st["m"]
-        if self.adaptive:
-            theta, m = update_threshold(theta, m, n_acc, n_draft, self.max_draft)
-        trace_idx = jnp.where(live, st["verify_calls"], st["theta_trace"].shape[1])
-        st.update(
-            drafted=st["drafted"] + jnp.where(live, n_draft, 0),
-            accepted=st["accepted"] + jnp.where(live, jnp.minimum(n_acc, n_draft), 0),
-            verify_calls=st["verify_calls"] + live,
-            draft_steps=st["draft_steps"] + jnp.where(live, n_steps, 0),
-            theta=jnp.where(live, theta, st["theta"]), m=jnp.where(live, m, st["m"]),
-            theta_trace=st["theta_trace"].at[rows, trace_idx].set(theta, mode="drop"),
-            drafted_trace=st["drafted_trace"].at[rows, trace_idx].set(n_draft, mode="drop"),
-            accepted_trace=st["accepted_trace"].at[rows, trace_idx].set(jnp.minimum(n_acc, n_draft), mode="drop"),
+        history = state.history
+        if history is not None:  # the accepted tokens and the bonus token follow ``last`` at position start
+            at = jnp.where(keep & live[:, None], start[:, None] + 1 + jnp.arange(tokens.shape[1])[None],
+                           history.shape[1])
+            history = history.at[rows[:, None], at].set(tokens, mode="drop")
+        st: SpecStats = state.stats
+        acc = jnp.where(live, jnp.minimum(n_acc, n_draft), 0)
+        n_draft = jnp.where(live, n_draft, 0)
+        acc_ng = jnp.minimum(acc, n_ng)
+        n_model, acc_model = n_draft - jnp.where(live, n_ng, 0), acc - acc_ng
+        theta, ema = st.theta, st.acceptance_ema
+        if self.adaptive and self.uses_model:  # θ follows the model drafts only; rows that copied keep theirs
+            theta, ema = update_threshold(theta, ema, acc_model, n_model, self.max_draft)
+        trace_idx = jnp.where(live, st.verify_calls, st.theta_trace.shape[1])
+        st = st.replace(
+            drafted_ngram=st.drafted_ngram + jnp.where(live, n_ng, 0), accepted_ngram=st.accepted_ngram + acc_ng,
+            drafted_model=st.drafted_model + n_model, accepted_model=st.accepted_model + acc_model,
+            verify_calls=st.verify_calls + live, draft_steps=st.draft_steps + jnp.where(live, n_steps, 0),
+            theta=jnp.where(live, theta, st.theta), acceptance_ema=jnp.where(live, ema, st.acceptance_ema),
+            ngram_accepted_ema=jnp.where(live & (n_ng > 0), (st.ngram_accepted_ema + acc_ng) / 2,
+                                         st.ngram_accepted_ema),
+            theta_trace=st.theta_trace.at[rows, trace_idx].set(theta, mode="drop"),
+            drafted_trace=st.drafted_trace.at[rows, trace_idx].set(n_draft, mode="drop"),
+            accepted_trace=st.accepted_trace.at[rows, trace_idx].set(acc, mode="drop"),
         )
-        return new.replace(cache=cache.replace(lengths=lengths), last=last, key=key, stats=st)
+        return new.replace(cache=cache.replace(lengths=lengths), last=last, key=key, stats=st, history=history)

@@ -177,6 +177,13 @@ def profile(d: Any) -> dict[str, Any]:
         raise ValueError(f"'use_ssd' must be true or false, got {show(d['use_ssd'])}")
     if not isinstance(d.get("model_id"), str | None):
         raise ValueError(f"'model_id' must be a string, got {show(d['model_id'])}")
+    if d.get("drafter", "skip") not in ("skip", "ngram", "hybrid"):
+        raise ValueError(f"'drafter' must be skip, ngram or hybrid, got {show(d['drafter'])}")
+    ngram = d.get("ngram", [2, 4, 8])
+    if not isinstance(ngram, list) or len(ngram) != 3:
+        raise ValueError(f"'ngram' must be [min, max, k], got {show(ngram)}")
+    for name, v in zip(("ngram min", "ngram max", "ngram k"), ngram, strict=True):
+        number(f"'ngram' {name}", v, 1, 64, integer=True)
     return d
 
 

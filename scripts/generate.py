@@ -1,6 +1,8 @@
-"""Generate text with a LLaMA-family checkpoint: autoregressive (``ar``) or self-speculative (``ssd``) decoding.
+"""Generate text with a LLaMA-family checkpoint: autoregressive (``ar``) or speculative (``ssd``) decoding, drafting
+by n-gram lookup in the context (``ngram``), by the model with skipped sublayers (``skip``), or both (``hybrid``).
 
     python scripts/generate.py --prompt "Hi"                      # smollm2-135m, fetched on first use
+    python scripts/generate.py --prompt "..." --mode ssd --drafter ngram --ngram-k 8 --compare
     python scripts/generate.py --ckpt llama2-70b --chat --prompt "..." --mode ssd --skip-profile llama-2-70b
 """
 
@@ -27,10 +29,10 @@ from jaxspec.batch import run_batch_job  # noqa: E402
 from jaxspec.checkpoint import CheckpointError, cache_dir, load, resolve  # noqa: E402
 from jaxspec.config import SkipMask  # noqa: E402
 from jaxspec.decode import Decoder, Result, generate, result_stats  # noqa: E402
-from jaxspec.profile import PROFILE_NAME, Profile, load_profile  # noqa: E402
+from jaxspec.profile import DEFAULT, PROFILE_NAME, Profile, load_profile  # noqa: E402
 from jaxspec.sampling import Sampling  # noqa: E402
 from jaxspec.sharding import MeshDecoder, make_mesh, param_sharding_fn  # noqa: E402
-from jaxspec.speculative import SpecDecoder  # noqa: E402
+from jaxspec.speculative import DRAFTERS, SpecDecoder  # noqa: E402
 from jaxspec.tokenizer import StreamDecoder  # noqa: E402
 from jaxspec.validate import layers  # noqa: E402
 
@@ -48,7 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--mode", choices=["ar", "ssd"], help="default: ssd when a skip profile exists, else ar")
+    ap.add_argument("--mode", choices=["ar", "ssd"], help="default: the checkpoint profile's choice; without a profile "
+                    "the measured default (profile.DEFAULT: n-gram drafting)")
+    ap.add_argument("--drafter", choices=DRAFTERS, help="ssd draft source: skip (needs a mask or profile), ngram "
+                    "(prompt lookup), hybrid (n-gram where the context has a match, else skip); default: the profile's")
+    ap.add_argument("--ngram-min", type=int, help="shortest n-gram matched (default 2 or the profile's)")
+    ap.add_argument("--ngram-max", type=int, help="longest n-gram matched, tried first (default 4 or the profile's)")
+    ap.add_argument("--ngram-k", type=int, help="most tokens an n-gram match proposes (default 8 or the profile's)")
     ap.add_argument("--skip-profile", help="profile JSON or preset name (default: the checkpoint's own)")
     ap.add_argument("--skip-attn", help="comma-separated attention sublayers the draft skips")
     ap.add_argument("--skip-mlp", help="comma-separated MLP sublayers the draft skips")
@@ -103,21 +111,27 @@ def main(argv: list[str] | None = None) -> int:
     cfg, params, tok = load(args.ckpt, dtype=args.dtype, shardings=param_sharding_fn(mesh) if mesh else None)
     if tok is None:
         raise CheckpointError(f"checkpoint {ckpt_dir} has no tokenizer")
+    # Choosing the decoder: explicit flags, else the checkpoint's profile, else the measured default (profile.DEFAULT).
     prof = pick_profile(args, cfg, ckpt_dir)
-    mode = args.mode or ("ssd" if prof is not None and prof.use_ssd else "ar")
-    if args.mode is None and prof is not None and not prof.use_ssd:
-        log("ar: the skip profile found no mask faster than autoregressive decoding on its device")
-    if (mode == "ssd" or args.compare) and prof is None:
-        raise ValueError("ssd needs a skip mask: --skip-attn/--skip-mlp, --skip-profile, or a profile beside the "
-                         "checkpoint (python scripts/search_skip.py)")
+    drafter = args.drafter or (prof.drafter if prof is not None else DEFAULT.drafter)
+    if args.drafter and args.mode == "ar":
+        raise ValueError("--drafter selects a speculative draft source: use it with --mode ssd (or no --mode)")
+    mode = args.mode or ("ssd" if args.drafter else (prof or DEFAULT).use_ssd and "ssd" or "ar")
+    if args.mode is None and not args.drafter and not (prof or DEFAULT).use_ssd:
+        log(f"ar: {'the profile' if prof else 'the default'} found no drafter faster than AR on its device")
+    if (mode == "ssd" or args.compare) and drafter != "ngram" and prof is None:
+        raise ValueError(f"the {drafter} drafter needs a skip mask: --skip-attn/--skip-mlp, --skip-profile, or a "
+                         "profile beside the checkpoint (python scripts/search_skip.py); or use --drafter ngram")
     eos = tuple(tok.eos_ids) or cfg.eos_ids
     ar = Decoder(cfg, sampling, eos)
-    ssd = None
-    if prof is not None:
-        ssd = SpecDecoder(cfg, sampling, eos, skip=prof.mask, max_draft=args.max_draft or prof.max_draft,
-                          adaptive=not args.fixed_threshold)
-        log(f"skip mask: {prof.mask} ({len(prof.mask.attn)} attn + {len(prof.mask.mlp)} mlp of {cfg.n_layers})")
-    theta = args.threshold if args.threshold is not None else (prof.threshold if prof else 0.6)
+    base = prof or DEFAULT
+    ngram = [a if a is not None else b for a, b in zip((args.ngram_min, args.ngram_max, args.ngram_k), base.ngram,
+                                                       strict=True)]
+    ssd = SpecDecoder(cfg, sampling, eos, skip=base.mask if drafter != "ngram" else SkipMask(),
+                      max_draft=args.max_draft or base.max_draft, adaptive=not args.fixed_threshold, drafter=drafter,
+                      ngram_min=ngram[0], ngram_max=ngram[1], ngram_k=ngram[2])  # checks the settings (ValueError)
+    log(f"drafter {drafter}: skip mask {ssd.skip}, n-gram {ngram[0]}..{ngram[1]} tokens, k={ngram[2]}")
+    theta = args.threshold if args.threshold is not None else base.threshold
     if args.input:
         dec = ssd if mode == "ssd" else ar
         summary = run_batch_job(args.input, args.output, lambda s: dataclasses.replace(dec, sampling=s), params, tok,
@@ -127,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if mesh is not None:
         ar = MeshDecoder.wrap(ar, mesh)
-        ssd = MeshDecoder.wrap(ssd, mesh) if ssd is not None else None
+        ssd = MeshDecoder.wrap(ssd, mesh)
     text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     ids = tok.encode(text)
 
@@ -153,17 +167,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.compare:
         r_ar, r_ssd = run(ar, False), run(ssd, not args.json)
-        stats = {"mode": "ssd", **result_stats(r_ssd), "ar_tokens_per_s": round(r_ar.tokens_per_s, 2),
-                 "ssd_tokens_per_s": round(r_ssd.tokens_per_s, 2),
+        stats = {"mode": "ssd", "drafter": drafter, **result_stats(r_ssd),
+                 "ar_tokens_per_s": round(r_ar.tokens_per_s, 2), "ssd_tokens_per_s": round(r_ssd.tokens_per_s, 2),
                  "speedup": round(r_ssd.tokens_per_s / r_ar.tokens_per_s, 3)}
         if sampling.greedy:
             stats["identical"] = r_ar.tokens == r_ssd.tokens
         res = r_ssd
     else:
         res = run(ssd if mode == "ssd" else ar, not args.json)
-        stats = {"mode": mode, **result_stats(res)}
-    if mode == "ssd" or args.compare:
-        stats["theta"] = round(res.stats["theta"][0], 4)
+        stats = {"mode": mode, **({"drafter": drafter} if mode == "ssd" else {}), **result_stats(res)}
     if args.json:
         print(json.dumps({"text": text_of(tok, res.tokens[0], eos), "token_ids": res.tokens[0], "stats": stats}))
     else:

@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--real-prompts", type=int, default=d.real_prompts,
                     help=f"prompts timed end to end (default {d.real_prompts})")
     ap.add_argument("--repeats", type=int, default=d.repeats, help=f"interleaved timing rounds (default {d.repeats})")
-    ap.add_argument("--margin", type=float, default=d.margin, help="use SSD only above 1 + margin speedup")
+    ap.add_argument("--margin", type=float, default=d.margin, help="use SSD only if each round's speedup >= 1 + margin")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--bench", action="store_true",
                     help="also run the other method at the same budget and time the baselines for real")

@@ -29,7 +29,7 @@ from jaxspec.search import (
     starting_points,
     x_to_mask,
 )
-from jaxspec.speculative import SpecDecoder, update_threshold
+from jaxspec.speculative import SpecDecoder, SpecStats, update_threshold
 
 CFG = tinymodel.CFG
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def test_simulation_replays_real_ssd(params, calib, max_draft):
     for p in PROMPTS:
         r = generate(SpecDecoder(CFG, eos_ids=CFG.eos_ids, skip=mask, max_draft=max_draft), params, [p], 20)
         for k in real:
-            real[k].append(r.stats[k][0])
+            real[k].append(r.stats.summary(0)[k])
     got = {"verify_calls": sim.cycles, "drafted": sim.drafted, "accepted": sim.accepted}
     for k, v in real.items():
         if max_draft == 1:
@@ -102,7 +102,10 @@ def test_real_timing_excludes_warmup_and_outliers():
         secs = 10 / rate * (50 if n <= 2 else 1)  # the two warm-up runs
         if 6 < n <= 10 and decoder.mode == "ssd":  # round 2 of 3: the SSD runs stall 3x
             secs *= 3
-        stats = {"drafted": [4], "accepted": [3], "verify_calls": [2]} if decoder.mode == "ssd" else {}
+        stats = None
+        if decoder.mode == "ssd":
+            c = np.asarray
+            stats = SpecStats.create(1, 10).replace(drafted_model=c([4]), accepted_model=c([3]), verify_calls=c([2]))
         return Result([[1] * 10], [3], 0.01, secs, 5.0, stats)
 
     ar, t = measure(None, CFG, [[1, 2, 3], [4, 5, 6]], 10, (0,), [Candidate("c", SkipMask(attn=(1,)))], 3, run=fake)

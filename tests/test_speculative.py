@@ -1,5 +1,5 @@
-"""Self-speculative decoding: lossless greedy (token for token), the acceptance arithmetic, the θ rule, and
-speculative sampling's output distribution."""
+"""Speculative decoding with every draft source (skip-mask model, n-gram lookup, hybrid): lossless greedy (token for
+token), the acceptance arithmetic, the n-gram lookup, the θ rule, and speculative sampling's output distribution."""
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +12,7 @@ from jaxspec.config import PRESETS, SkipMask
 from jaxspec.decode import Decoder, generate
 from jaxspec.model import KVCache, forward, init_params
 from jaxspec.sampling import Sampling, probs
-from jaxspec.speculative import SpecDecoder, accept_greedy, accept_sample, update_threshold
+from jaxspec.speculative import SpecDecoder, accept_greedy, accept_sample, ngram_propose, update_threshold
 
 CFG = tinymodel.CFG
 EPS = 1e-4  # float32: a divergence is only excused where plain decoding's top-2 logit margin is below this
@@ -47,39 +47,81 @@ MASKS = {
 }
 
 
-@pytest.mark.parametrize("mask", MASKS.values(), ids=MASKS.keys())
-def test_greedy_ssd_equals_ar(params, mask):
+def repeated(start: int, stride: int, n: int, cut: int) -> list[int]:
+    """A progression of ``n`` tokens followed by its first ``cut`` (>= 8, for the tiny model to pick the restarted
+    progression up) tokens again: n-gram lookup then proposes the progression's continuation, which the model
+    accepts, until the copied span runs out (rejections)."""
+    p = tinymodel.progression(start, stride, n)
+    return p + p[:cut]
+
+
+DRAFTERS = {"skip-" + k: ("skip", m) for k, m in MASKS.items()} | {"ngram": ("ngram", SkipMask()),
+                                                                   "hybrid": ("hybrid", MASKS["few"])}
+
+
+@pytest.mark.parametrize("drafter,mask", DRAFTERS.values(), ids=DRAFTERS.keys())
+def test_greedy_ssd_equals_ar(params, drafter, mask):
     # Prompt lengths straddle the prefill bucket edges (prefill takes all but the last token: 16 and 64).
     prompts = [tinymodel.progression(9, 2, n) for n in (1, 16, 17, 18, 65, 66)]
+    if drafter != "skip":
+        prompts += [repeated(9, 2, 20, 8), repeated(30, 3, 40, 25)]
+    total = None
     for prompt in prompts:
         ar = generate(Decoder(CFG), params, [prompt], 20).tokens[0]
-        ssd = generate(SpecDecoder(CFG, skip=mask, max_draft=5), params, [prompt], 20)
+        ssd = generate(SpecDecoder(CFG, skip=mask, max_draft=5, drafter=drafter, ngram_k=6), params, [prompt], 20)
         assert_lossless(params, prompt, ar, ssd.tokens[0])
         assert len(ssd.tokens[0]) == 20
+        total = ssd.stats if total is None else jax.tree.map(np.add, total, ssd.stats)
+    s = total.summary()
+    if drafter != "skip":  # the test has power: copies were drafted, some accepted and some rejected
+        assert 0 < s["accepted_ngram"] < s["drafted_ngram"]
+    if drafter != "ngram":
+        assert s["drafted_model"] > 0
+    else:
+        assert s["drafted_model"] == 0
+
+
+def test_ngram_lookup_by_hand():
+    h = jnp.asarray([[5, 6, 7, 8, 5, 6, 9, 5, 6, 0, 0, 0],   # last "5 6": latest earlier match at 4 → "9 5 6"
+                     [1, 2, 3, 1, 2, 3, 4, 2, 3, 0, 0, 0],   # "3 2 3"/"2 3": "2 3" last seen at 4 → "4 2 3"
+                     [1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 0, 0],   # "9 9"? no; n=1 not allowed (min 2) → nothing
+                     [7, 7, 7, 7, 0, 0, 0, 0, 0, 0, 0, 0]])  # "7 7 7" at 0 (latest one with a token after) → "7"
+    drafts, n = ngram_propose(h, jnp.asarray([9, 9, 10, 4]), 2, 3, 3)
+    assert n.tolist() == [3, 3, 0, 1]
+    assert drafts[0].tolist() == [9, 5, 6] and drafts[1].tolist() == [4, 2, 3] and drafts[3, 0] == 7
+    # The longest match wins over a more recent shorter one: "1 2 3" (at 0) beats "2 3" (at 4... also preceded by 1)
+    h2 = jnp.asarray([[1, 2, 3, 8, 0, 2, 3, 9, 1, 2, 3, 0]])
+    drafts, n = ngram_propose(h2, jnp.asarray([11]), 2, 3, 2)
+    assert n.tolist() == [2] and drafts[0].tolist() == [8, 0]
+    drafts, n = ngram_propose(h2, jnp.asarray([11]), 2, 2, 2)  # n = 2 only: the most recent "2 3" → "9 1"
+    assert drafts[0].tolist() == [9, 1]
 
 
 def test_greedy_ssd_accepts_and_drafts(params):
     prompt = tinymodel.progression(9, 2, 8)
     res = generate(SpecDecoder(CFG, skip=MASKS["few"], max_draft=6), params, [prompt], 40)
     s = res.stats
-    assert s["drafted"][0] > 0 and 0 < s["accepted"][0] <= s["drafted"][0]
+    assert s.drafted[0] > 0 and 0 < s.accepted[0] <= s.drafted[0]
     # Every verify emits accepted + 1 tokens, except possibly the last one cut by the budget.
-    assert s["accepted"][0] + s["verify_calls"][0] >= 40
-    assert s["verify_calls"][0] < 40  # fewer full-model passes than tokens: the point of speculation
+    assert s.accepted[0] + s.verify_calls[0] >= 40
+    assert s.verify_calls[0] < 40  # fewer full-model passes than tokens: the point of speculation
     full = generate(SpecDecoder(CFG, skip=MASKS["empty"], max_draft=6, adaptive=False), params, [prompt], 40,
                     theta=0.0)
-    assert full.stats["accepted"] == full.stats["drafted"]  # the full model drafting for itself: all accepted
+    assert (full.stats.accepted == full.stats.drafted).all()  # the full model drafting for itself: all accepted
 
 
-def test_ragged_batch_ssd_equals_single_rows(params):
-    prompts = [tinymodel.progression(5, 2, 3), tinymodel.progression(40, 1, 17), [7], tinymodel.progression(1, 4, 9)]
+@pytest.mark.parametrize("drafter", ["skip", "ngram", "hybrid"])
+def test_ragged_batch_ssd_equals_single_rows(params, drafter):
+    prompts = [tinymodel.progression(5, 2, 3), repeated(40, 1, 17, 9), [7], repeated(1, 4, 18, 8)]
     budgets = [15, 6, 11, 20]
-    dec = SpecDecoder(CFG, skip=MASKS["half"], max_draft=4)
+    dec = SpecDecoder(CFG, skip=MASKS["half"], max_draft=4, drafter=drafter, ngram_k=5)
     batched = generate(dec, params, prompts, budgets)
     for b, p in enumerate(prompts):
         ar = generate(Decoder(CFG), params, [p], budgets[b]).tokens[0]
         assert_lossless(params, p, ar, batched.tokens[b])
         assert len(batched.tokens[b]) == budgets[b]
+    if drafter != "skip":
+        assert batched.stats.accepted_ngram.sum() > 0
 
 
 def test_eos_and_budget_inside_a_draft(params):
@@ -94,14 +136,37 @@ def test_eos_and_budget_inside_a_draft(params):
         assert got.tokens[0] == free[:budget]
 
 
-def test_context_limit_reached_mid_draft(params):
+def test_eos_and_budget_inside_an_ngram_draft(params):
+    q = tinymodel.progression(9, 2, 20)
+    prompt = q + q[:8]  # the model continues the progression, and lookup copies it: q[8:16] are drafted at once
+    free = generate(Decoder(CFG), params, [prompt], 30).tokens[0]
+    assert free[:8] == q[8:16]
+    dec = SpecDecoder(CFG, eos_ids=(free[3],), drafter="ngram", ngram_k=8)
+    res = generate(dec, params, [prompt], 30)
+    assert res.tokens[0] == free[:4] and res.stats.verify_calls[0] == 1  # EOS cut the first (accepted) draft
+    for budget in (2, 5, 11):  # each budget compiles the loop once: a few, ending inside the first draft and later
+        got = generate(SpecDecoder(CFG, drafter="ngram", ngram_k=8), params, [prompt], budget)
+        assert got.tokens[0] == free[:budget]
+
+
+@pytest.mark.parametrize("drafter", ["skip", "ngram"])
+def test_context_limit_reached_mid_draft(params, drafter):
     cfg = CFG.replace(max_seq_len=40)
-    prompt = tinymodel.progression(3, 3, 28)
+    prompt = tinymodel.progression(3, 3, 28) if drafter == "skip" else repeated(3, 3, 18, 10)
     ar = generate(Decoder(cfg), params, [prompt], 12).tokens[0]  # exactly fills the 40-token context
-    ssd = generate(SpecDecoder(cfg, skip=MASKS["few"], max_draft=8), params, [prompt], 12, theta=0.0).tokens[0]
-    assert_lossless(params, prompt, ar, ssd)
+    dec = SpecDecoder(cfg, skip=MASKS["few"], max_draft=8, drafter=drafter)
+    ssd = generate(dec, params, [prompt], 12, theta=0.0)
+    assert_lossless(params, prompt, ar, ssd.tokens[0])
+    assert ssd.stats.summary()["accepted"] > 0
     with pytest.raises(ValueError, match="context"):
-        generate(SpecDecoder(cfg, skip=MASKS["few"]), params, [prompt], 13)
+        generate(dec, params, [prompt], 13)
+
+
+@pytest.mark.parametrize("bad", [dict(ngram_min=0), dict(ngram_min=3, ngram_max=2), dict(ngram_k=0),
+                                 dict(ngram_k=CFG.max_seq_len), dict(drafter="lookup"), dict(max_draft=0)])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        SpecDecoder(CFG, **bad)
 
 
 def test_accept_greedy_arithmetic():
@@ -149,37 +214,68 @@ def test_threshold_rule_by_hand():
     np.testing.assert_allclose(m2, [0.125, 1.0, 1.0, 0.5], atol=1e-7)
 
 
+SMALL = PRESETS["tiny"].replace(vocab_size=32, max_seq_len=16, eos_ids=())
+SMP = Sampling(temperature=1.0)
+N_SEEDS = 4000
+
+
+def exact(params, prompt: list[int], skip: SkipMask = SkipMask()) -> tuple[np.ndarray, np.ndarray]:
+    """The model's exact distributions of the first and second sampled token after ``prompt``."""
+    fwd = jax.jit(forward, static_argnums=(1, 4))
+    l1, _ = fwd(params, SMALL, jnp.asarray([prompt]), KVCache.create(SMALL, 1, 12), skip)
+    p1 = probs(l1[0, -1], SMP)
+    seqs = jnp.asarray([prompt + [t] for t in range(32)])
+    l2, _ = fwd(params, SMALL, seqs, KVCache.create(SMALL, 32, 12), skip)
+    joint = p1[:, None] * probs(l2[:, -1], SMP)  # P(x1, x2)
+    return np.asarray(p1), np.asarray(joint.sum(0))
+
+
+def pvalue(observed: np.ndarray, expected: np.ndarray) -> float:
+    """Chi-square p-value of counts against a distribution, rare cells pooled so every expected count is >= 5."""
+    expected = expected.astype(np.float64)
+    expected /= expected.sum()
+    n = observed.sum()
+    keep = expected * n >= 5
+    obs = np.append(observed[keep], observed[~keep].sum()).astype(np.float64)
+    exp = np.append(expected[keep], expected[~keep].sum()) * n
+    if keep.all():
+        obs, exp = obs[:-1], exp[:-1]
+    return stats.chisquare(obs, exp).pvalue
+
+
+def first_two(res) -> tuple[np.ndarray, np.ndarray]:
+    toks = np.asarray(res.tokens)
+    return np.bincount(toks[:, 0], minlength=32), np.bincount(toks[:, 1], minlength=32)
+
+
 def test_speculative_sampling_keeps_the_distribution():
     """Many seeds (as batch rows) of a random tiny model with a 32-token vocabulary: the first two sampled tokens
     follow the full model's exact distribution (chi-square), while the draft's own distribution is rejected."""
-    cfg = PRESETS["tiny"].replace(vocab_size=32, max_seq_len=16, eos_ids=())
-    params = init_params(cfg, jax.random.key(3), scale=2.0)
-    prompt, n, mask = [5, 9, 2], 4000, SkipMask(attn=(0, 2), mlp=(1, 2, 3))
-    smp = Sampling(temperature=1.0)
-    res = generate(SpecDecoder(cfg, smp, skip=mask, max_draft=3), params, [prompt] * n, 3, seed=7, theta=0.0)
-    toks = np.asarray(res.tokens)
-    assert sum(res.stats["accepted"]) < sum(res.stats["drafted"])  # rejections happen, so residuals are exercised
-
-    def dist(skip):
-        fwd = jax.jit(forward, static_argnums=(1, 4))
-        l1, _ = fwd(params, cfg, jnp.asarray([prompt]), KVCache.create(cfg, 1, 8), skip)
-        p1 = probs(l1[0, -1], smp)
-        seqs = jnp.asarray([prompt + [t] for t in range(32)])
-        l2, _ = fwd(params, cfg, seqs, KVCache.create(cfg, 32, 8), skip)
-        joint = p1[:, None] * probs(l2[:, -1], smp)  # P(x1, x2)
-        return np.asarray(p1), np.asarray(joint.sum(0))
-
-    def pvalue(observed, expected):
-        expected = expected.astype(np.float64)
-        expected /= expected.sum()
-        keep = expected * n >= 5  # pool rare cells so every expected count is at least 5
-        obs = np.append(observed[keep], observed[~keep].sum()).astype(np.float64)
-        exp = np.append(expected[keep], expected[~keep].sum()) * n
-        if keep.all():
-            obs, exp = obs[:-1], exp[:-1]
-        return stats.chisquare(obs, exp).pvalue
-
-    (p1, p2), (q1, q2) = dist(SkipMask()), dist(mask)
-    c1, c2 = np.bincount(toks[:, 0], minlength=32), np.bincount(toks[:, 1], minlength=32)
+    params = init_params(SMALL, jax.random.key(3), scale=2.0)
+    prompt, mask = [5, 9, 2], SkipMask(attn=(0, 2), mlp=(1, 2, 3))
+    res = generate(SpecDecoder(SMALL, SMP, skip=mask, max_draft=3), params, [prompt] * N_SEEDS, 3, seed=7,
+                   theta=0.0)
+    assert sum(res.stats.accepted) < sum(res.stats.drafted)  # rejections happen, so residuals are exercised
+    (p1, p2), (q1, q2) = exact(params, prompt), exact(params, prompt, mask)
+    c1, c2 = first_two(res)
     assert pvalue(c1, p1) > 1e-3 and pvalue(c2, p2) > 1e-3
     assert min(pvalue(c1, q1), pvalue(c2, q2)) < 1e-6  # the test has power: the draft distribution fails it
+
+
+def test_ngram_sampling_keeps_the_distribution():
+    """An n-gram draft is a point mass: accepted with probability p(d), else the token comes from p without d. The
+    first two sampled tokens follow the full model's distribution; the plausible bug of resampling from p itself
+    after a rejection is rejected by the same test (its power)."""
+    params = init_params(SMALL, jax.random.key(3), scale=2.0)
+    cands = [[5, 9, d, 7, 5, 9] for d in range(32)]  # "5 9" recurs, so lookup proposes "d 7 5"
+    logits, _ = jax.jit(forward, static_argnums=1)(params, SMALL, jnp.asarray(cands), KVCache.create(SMALL, 32, 8))
+    d = int(np.argmax([float(probs(logits[i, -1], SMP)[i]) for i in range(32)]))  # a draft the model often accepts
+    prompt = cands[d]
+    res = generate(SpecDecoder(SMALL, SMP, drafter="ngram", ngram_k=3), params, [prompt] * N_SEEDS, 3, seed=7)
+    s = res.stats.summary()
+    assert s["drafted_ngram"] > 0 and 0 < s["accepted_ngram"] < s["drafted_ngram"] and s["drafted_model"] == 0
+    p1, p2 = exact(params, prompt)
+    c1, c2 = first_two(res)
+    assert pvalue(c1, p1) > 1e-3 and pvalue(c2, p2) > 1e-3
+    buggy = p1[d] * np.eye(32)[d] + (1 - p1[d]) * p1  # accept d w.p. p(d), else resample from p (d included)
+    assert pvalue(c1, buggy) < 1e-6

@@ -12,7 +12,7 @@ import numpy as np
 
 from jaxspec.config import Config, SkipMask
 from jaxspec.model import Params
-from jaxspec.profile import Profile, model_id
+from jaxspec.profile import ADOPT_MARGIN, Profile, adopt, model_id
 from jaxspec.search.calibrate import calibrate, fit_prompts
 from jaxspec.search.cost import measure_costs, predict
 from jaxspec.search.device import device_info
@@ -33,7 +33,7 @@ class SearchOptions:
     top: int = 3  # best distinct masks (by the proxy) timed end to end
     real_prompts: int = 6  # calibration prompts timed end to end (the first ones)
     repeats: int = 3  # interleaved rounds of real timing
-    margin: float = 0.0  # SSD is used only if its real speedup exceeds 1 + margin
+    margin: float = ADOPT_MARGIN  # SSD is used only if its lowest per-round speedup is at least 1 + margin
     seed: int = 0
     bench: bool = False  # also: random search at the same budget, and the starting points timed for real
 
@@ -126,7 +126,7 @@ def search(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], eos_id
     wall_s = time.perf_counter() - t_start
     ar, ours = timings[0], timings[1: 1 + opts.top]
     best = max(ours, key=lambda t: t.speedup)
-    use = best.speedup > 1 + opts.margin and best.lossless
+    use = adopt([1.0] * len(best.speedups), best.speedups, opts.margin) and best.lossless
     compile_s = calib.compile_s + proxy.compile_s + cost.compile_s + sum(t.compile_s for t in timings)
     warm_s = sum(t.warmup_s for t in timings)
     search_s = wall_s - (bench.get("other_search_s", 0.0) if opts.bench else 0.0)

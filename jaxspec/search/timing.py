@@ -89,7 +89,8 @@ def measure(params: Params, cfg: Config, prompts: list[list[int]], max_new: int,
                 if r == 0:
                     outputs[j][i] = res.tokens[0]
                     if j:
-                        counts[j] += [sum(res.stats[k]) for k in ("drafted", "accepted", "verify_calls")]
+                        s = res.stats.summary()
+                        counts[j] += [s["drafted"], s["accepted"], s["verify_calls"]]
     tps = toks / np.maximum(secs, 1e-9)
     out = []
     for j, c in enumerate(cands):

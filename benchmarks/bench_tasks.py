@@ -1,0 +1,178 @@
+"""Per-task speedups of the draft sources over AR, measured side by side in one process (interleaved rounds).
+
+    python scripts/bench_tasks.py                          # summarization, code, chat/story: AR vs n-gram drafting
+    python scripts/bench_tasks.py --drafter ngram --drafter hybrid --skip-attn 10,12 --rounds 3
+    python scripts/bench_tasks.py --lookup-cost            # n-gram lookup cost vs one decode step, 128 and 4k history
+    python scripts/bench_tasks.py --verify-cost            # a cycle verifying 1 or 2 tokens vs one AR step
+
+Prompts: aclsum evaluation abstracts ("summarize"), HumanEval evaluation functions, MT-Bench evaluation questions
+plus story requests, each in the chat template. A round runs every prompt with every decoder back to back, in an
+order rotated per prompt and round; a task's ratio in a round is its tokens/s over AR's in that round. The table
+gives the median ratio over rounds and the lowest (the lower bound ``profile.adopt`` uses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxspec import data  # noqa: E402
+from jaxspec.checkpoint import load  # noqa: E402
+from jaxspec.config import SkipMask  # noqa: E402
+from jaxspec.decode import Decoder, generate  # noqa: E402
+from jaxspec.model import KVCache, forward  # noqa: E402
+from jaxspec.profile import adopt  # noqa: E402
+from jaxspec.speculative import SpecDecoder, ngram_propose  # noqa: E402
+
+STORIES = ["Write a short story about a lighthouse keeper who finds a message in a bottle.",
+           "Tell me a bedtime story about a dragon who is afraid of the dark."]
+
+
+def task_prompts(tok, per_task: int) -> dict[str, list[list[int]]]:  # noqa: ANN001
+    chat = data.prompts("chat", "evaluation")[: max(per_task - len(STORIES), 1)]
+    texts = {"summarization": [p["text"] for p in data.prompts("summarization", "evaluation")[:per_task]],
+             "code": [p["text"] for p in data.prompts("code", "evaluation")[:per_task]],
+             "chat/story": [p["text"] for p in chat] + STORIES[: per_task - len(chat)]}
+    return {t: [tok.encode(tok.apply_chat_template([{"role": "user", "content": x}])) for x in xs]
+            for t, xs in texts.items()}
+
+
+def lookup_cost(params, cfg, n: int = 64) -> None:  # noqa: ANN001
+    """Seconds per n-gram lookup and per decode step (batch 1) at 128 and 4k tokens of history/context."""
+    def timed(f, *a) -> float:  # noqa: ANN001
+        jax.block_until_ready(f(*a))
+        ts = []
+        for _ in range(5):
+            t = time.perf_counter()
+            jax.block_until_ready(f(*a))
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts) / n
+
+    for ctx in (128, 4096):
+        cap = ctx + 256
+        hist = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, cap)), jnp.int32)
+
+        @jax.jit
+        def look(h: jax.Array, ctx: int = ctx) -> jax.Array:
+            def body(i: int, acc: jax.Array) -> jax.Array:
+                d, c = ngram_propose(h, jnp.asarray([ctx - (i % 2)]), 2, 4, 8)
+                return acc + d[0, 0] + c[0]
+            return jax.lax.fori_loop(0, n, body, jnp.int32(0))
+
+        @jax.jit
+        def step(p, cache: KVCache) -> jax.Array:  # noqa: ANN001
+            def body(i: int, c: tuple) -> tuple:
+                logits, cache = forward(p, cfg, jnp.full((1, 1), 7, jnp.int32), c[0])
+                return cache.replace(lengths=c[0].lengths), c[1] + logits[0, -1, 0]
+            return jax.lax.fori_loop(0, n, body, (cache, jnp.float32(0)))[1]
+
+        cache = KVCache.create(cfg, 1, cap).replace(lengths=jnp.asarray([ctx], jnp.int32))
+        t_look, t_step = timed(look, hist), timed(step, params, cache)
+        print(f"- history/context {ctx}: n-gram lookup {t_look * 1e3:.3f} ms, decode step {t_step * 1e3:.2f} ms, "
+              f"ratio {t_look / t_step:.4f}")
+
+
+def verify_cost(params, cfg, prompt: list[int], n: int, rounds: int) -> None:  # noqa: ANN001
+    """Seconds per speculative cycle that verifies 1 token (n-gram lookup that never matches: n = 16) and 2 tokens
+    (1-gram lookup proposing 1 token, which nearly always matches) against seconds per AR step, interleaved."""
+    decs = {"ar": Decoder(cfg), "1-token verify": SpecDecoder(cfg, drafter="ngram", ngram_min=16, ngram_max=16),
+            "2-token verify": SpecDecoder(cfg, drafter="ngram", ngram_min=1, ngram_max=1, ngram_k=1,
+                                          adaptive_k=False)}
+    for d in decs.values():
+        generate(d, params, [prompt], n)
+    per: dict[str, list[float]] = {k: [] for k in decs}
+    for r in range(rounds):
+        for k in np.roll(list(decs), -r):
+            res = generate(decs[k], params, [prompt], n)
+            per[k].append(res.decode_s / (n if res.stats is None else int(res.stats.verify_calls[0])))
+    for k in list(decs)[1:]:
+        ratio = np.asarray(per[k]) / np.asarray(per["ar"])
+        ms, ar_ms = statistics.median(per[k]) * 1e3, statistics.median(per["ar"]) * 1e3
+        print(f"- {k} cycle: {ms:.1f} ms vs AR step {ar_ms:.1f} ms: **{np.median(ratio):.3f}x** "
+              f"(rounds {', '.join(f'{x:.3f}' for x in ratio)})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", default="smollm2-135m")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--per-task", type=int, default=3, help="prompts per task")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--drafter", action="append", help="ngram (default), hybrid, skip; repeatable")
+    ap.add_argument("--skip-attn", default="", help="skip mask of skip/hybrid drafters")
+    ap.add_argument("--skip-mlp", default="")
+    ap.add_argument("--ngram-k", type=int, default=8)
+    ap.add_argument("--fixed-k", action="store_true", help="also each drafter proposing n-gram continuations at "
+                    "full length k (no adaptive length)")
+    ap.add_argument("--lookup-cost", action="store_true", help="only time the n-gram lookup against a decode step")
+    ap.add_argument("--verify-cost", action="store_true", help="only time 1- and 2-token verify cycles against AR")
+    args = ap.parse_args()
+
+    cfg, params, tok = load(args.ckpt)
+    print(f"## {args.ckpt}: {jax.devices()[0].device_kind}, {os.cpu_count()} cores, {cfg.dtype}, load average "
+          f"{os.getloadavg()[0]:.2f}\n")
+    if args.lookup_cost:
+        lookup_cost(params, cfg)
+        return
+    if args.verify_cost:
+        verify_cost(params, cfg, task_prompts(tok, 1)["chat/story"][0], args.max_new_tokens, max(args.rounds, 3))
+        return
+    mask = SkipMask(tuple(int(x) for x in args.skip_attn.split(",") if x),
+                    tuple(int(x) for x in args.skip_mlp.split(",") if x))
+    eos = tuple(tok.eos_ids) or cfg.eos_ids
+    decs = {"ar": Decoder(cfg, eos_ids=eos)}
+    for d in args.drafter or ["ngram"]:
+        decs[d] = SpecDecoder(cfg, eos_ids=eos, skip=mask, drafter=d, ngram_k=args.ngram_k)
+        if args.fixed_k:
+            decs[f"{d} fixed k"] = SpecDecoder(cfg, eos_ids=eos, skip=mask, drafter=d, ngram_k=args.ngram_k,
+                                               adaptive_k=False)
+    tasks = task_prompts(tok, args.per_task)
+    names = list(decs)
+    for d in decs.values():  # warm-up: compilation and first-execution costs
+        generate(d, params, [tasks["code"][0]], args.max_new_tokens)
+    # secs[task][decoder][round], toks likewise; outputs[task][decoder][prompt]
+    secs = {t: {n: np.zeros(args.rounds) for n in names} for t in tasks}
+    toks = {t: {n: np.zeros(args.rounds) for n in names} for t in tasks}
+    outs: dict = {t: {n: {} for n in names} for t in tasks}
+    summ: dict = {t: {n: {} for n in names} for t in tasks}
+    for r in range(args.rounds):
+        for t, prompts in tasks.items():
+            for i, p in enumerate(prompts):
+                for j in np.roll(np.arange(len(names)), -(i + r)):
+                    n = names[j]
+                    res = generate(decs[n], params, [p], args.max_new_tokens)
+                    secs[t][n][r] += res.decode_s
+                    toks[t][n][r] += res.new_tokens
+                    outs[t][n][i] = res.tokens[0]
+                    if res.stats is not None and r == 0:
+                        for k, v in res.stats.summary().items():
+                            summ[t][n][k] = summ[t][n].get(k, 0) + v
+    print(f"{args.max_new_tokens} new tokens, greedy, {args.per_task} prompts per task, {args.rounds} interleaved "
+          f"rounds; ratio = drafter tokens/s / AR tokens/s (median over rounds, lowest round)\n")
+    print("| task | drafter | AR tok/s | tok/s | speedup | lowest round | adopt (+3%) | drafted (ngram/model) | "
+          "accepted (ngram/model) | accepted per verify | identical |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    for t in tasks:
+        ar_tps = toks[t]["ar"] / secs[t]["ar"]
+        for n in names[1:]:
+            tps = toks[t][n] / secs[t][n]
+            ratio = tps / ar_tps
+            s = summ[t][n]
+            print(f"| {t} | {n} | {np.median(ar_tps):.1f} | {np.median(tps):.1f} | **{np.median(ratio):.2f}x** | "
+                  f"{ratio.min():.2f}x | {adopt(ar_tps, tps)} | {s['drafted_ngram']}/{s['drafted_model']} | "
+                  f"{s['accepted_ngram']}/{s['accepted_model']} | {s['mean_accepted']:.2f} | "
+                  f"{outs[t][n] == outs[t]['ar']} |")
+    print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
