@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxspec.config import SkipMask
 from jaxspec.decode import Decoder, State
+from jaxspec.draft_model import DraftSpec, draft_forward
 from jaxspec.model import KVCache, Params, forward
 from jaxspec.sampling import probs, sample_probs
 
@@ -73,11 +74,16 @@ def update_threshold(theta: Array, m: Array, n_acc: Array, n_draft: Array, max_d
 
 @dataclass(frozen=True)
 class SpecDecoder(Decoder):
-    """Draft with ``skip`` sublayers bypassed, verify with the full model; ``adaptive`` turns the θ rule on."""
+    """Draft with ``skip`` sublayers bypassed, verify with the full model; ``adaptive`` turns the θ rule on.
+
+    ``draft_spec`` drafts with the cheap copy ``params.draft`` (``draft_model.with_draft``): low precision, narrow
+    head. The copy travels inside the params pytree given to ``run``, so verify and prefill see the model as is.
+    """
 
     skip: SkipMask = SkipMask()
     max_draft: int = 12
     adaptive: bool = True
+    draft_spec: DraftSpec | None = None
 
     mode = "ssd"
 
@@ -109,7 +115,7 @@ class SpecDecoder(Decoder):
         def body(c: tuple) -> tuple:
             d, cache, tok, active, drafts, q, n_draft, key = c
             active = active & (n_draft < room - 1)
-            logits, cache = forward(params, self.cfg, tok[:, None], cache, self.skip)
+            logits, cache = draft_forward(params, self.cfg, tok[:, None], cache, self.skip, self.draft_spec)
             logits = logits[:, 0]
             if greedy:
                 nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
