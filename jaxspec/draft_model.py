@@ -54,6 +54,14 @@ class DraftSpec:
         return f"{self.precision}, head {self.head or 'full'}"
 
 
+def rank_tokens(texts: list[list[int]], vocab_size: int) -> np.ndarray:
+    """Every token id, most frequent in ``texts`` (token id lists, e.g. the model's own continuations of
+    calibration prompts) first; ties and unseen tokens in id order (byte-pair merge order, roughly frequency)."""
+    counts = np.bincount(np.concatenate([np.asarray(t, np.int64) for t in texts] + [np.zeros(0, np.int64)]),
+                         minlength=vocab_size)[:vocab_size]
+    return np.lexsort((np.arange(vocab_size), -counts)).astype(np.int32)
+
+
 @struct.dataclass
 class QWeight:
     """A (in, out) matrix: int8 with a float32 scale per output column, or bfloat16/float32 with ``scale`` None."""

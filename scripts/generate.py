@@ -23,6 +23,7 @@ from jaxspec.batch import run_batch_job  # noqa: E402
 from jaxspec.checkpoint import CheckpointError, cache_dir, load, resolve  # noqa: E402
 from jaxspec.config import SkipMask  # noqa: E402
 from jaxspec.decode import Decoder, Result, generate, result_stats  # noqa: E402
+from jaxspec.draft_model import PRECISIONS, DraftSpec, with_draft  # noqa: E402
 from jaxspec.profile import PROFILE_NAME, Profile, load_profile  # noqa: E402
 from jaxspec.sampling import Sampling  # noqa: E402
 from jaxspec.sharding import MeshDecoder, make_mesh, param_sharding_fn  # noqa: E402
@@ -50,12 +51,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-draft", type=int, help="most tokens drafted per cycle (default 12 or the profile's)")
     ap.add_argument("--threshold", type=float, help="initial draft-exit threshold θ (default 0.6 or the profile's)")
     ap.add_argument("--fixed-threshold", action="store_true", help="keep θ fixed instead of adapting it")
+    ap.add_argument("--draft-precision", choices=PRECISIONS, help="ssd: the draft's own weight precision (int8: a "
+                    "per-channel copy, ~1/4 of the float32 layer weights; default float32 or the profile's)")
+    ap.add_argument("--draft-head", type=int, help="ssd: the draft's head covers only this many most frequent tokens "
+                    "(the profile's ranking, else token id order); 0 = the whole vocabulary")
     ap.add_argument("--compare", action="store_true", help="run ar then ssd on the prompt and report both")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="default float32 (bfloat16 is for GPU/TPU)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="default float32 (bfloat16 is for GPU/TPU; "
+                    "refused on CPU, where it decodes several times slower)")
     ap.add_argument("--json", action="store_true", help="print one JSON object (last line of stdout)")
     ap.add_argument("--verbose", action="store_true")
     return ap.parse_args(argv)
@@ -81,6 +87,17 @@ def pick_profile(args: argparse.Namespace, cfg, ckpt_dir: Path) -> Profile | Non
     return load_profile(own, cfg) if own.exists() else None
 
 
+def draft_choice(args: argparse.Namespace, prof: Profile) -> tuple[DraftSpec | None, list[int] | None]:
+    """The cheap draft (flags over the profile's ``draft`` entry) and the profile's token ranking; None: the
+    checkpoint's own weights and head."""
+    saved = prof.info.get("draft") or {}
+    precision = args.draft_precision or saved.get("precision", "float32")
+    head = args.draft_head if args.draft_head is not None else int(saved.get("head", 0))
+    if precision == "float32" and not head:
+        return None, None
+    return DraftSpec(precision, head), prof.info.get("draft_vocab")
+
+
 def text_of(tok, ids: list[int], eos: tuple[int, ...]) -> str:  # noqa: ANN001
     """Decoded text of new tokens, without the end-of-sequence token that stopped generation."""
     return tok.decode(ids[:-1] if ids and ids[-1] in eos else ids)
@@ -101,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.input is None and not args.prompt:
         raise ValueError("empty prompt")
+    if args.draft_head is not None and args.draft_head < 0:
+        raise ValueError(f"--draft-head must be >= 0, got {args.draft_head}")
+    if args.dtype == "bfloat16" and jax.default_backend() == "cpu":
+        raise ValueError("--dtype bfloat16 decodes 5-9x slower than float32 on CPU (XLA:CPU's bfloat16 path); use "
+                         "float32 there, with --draft-precision int8 for a cheaper speculative draft")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     # Compiled decode loops persist across runs (XLA's compilation cache), so only the first run pays to compile.
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
@@ -123,8 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     ar = Decoder(cfg, sampling, eos)
     ssd = None
     if prof is not None:
+        spec, ranking = draft_choice(args, prof)
         ssd = SpecDecoder(cfg, sampling, eos, skip=prof.mask, max_draft=args.max_draft or prof.max_draft,
-                          adaptive=not args.fixed_threshold)
+                          adaptive=not args.fixed_threshold, draft_spec=spec)
+        if spec is not None:
+            params = with_draft(params, cfg, spec, ranking)
+            log(f"draft: {spec}")
         log(f"skip mask: {prof.mask} ({len(prof.mask.attn)} attn + {len(prof.mask.mlp)} mlp of {cfg.n_layers})")
     theta = args.threshold if args.threshold is not None else (prof.threshold if prof else 0.6)
     if args.input:

@@ -1,5 +1,9 @@
 """The draft's low-precision matmuls and narrow head (the lossless decode matrix is in test_speculative.py)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +14,7 @@ from jaxspec.draft_model import DraftSpec, draft_bytes, draft_forward, make_draf
 from jaxspec.model import KVCache, forward
 
 CFG = tinymodel.CFG
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("precision,tol", [("int8", 0.03), ("bfloat16", 0.01), ("float32", 1e-6)])
@@ -51,3 +56,12 @@ def test_draft_copy_size_and_missing_copy():
         draft_forward(params, CFG, jnp.zeros((1, 1), jnp.int32), KVCache.create(CFG, 1, 4), spec=DraftSpec("int8"))
     with pytest.raises(ValueError, match="precision"):
         DraftSpec("int4")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="bfloat16 is refused on CPU only")
+def test_generate_refuses_bfloat16_on_cpu():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--dtype", "bfloat16", "--prompt",
+                           "Hi"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --dtype bfloat16")
