@@ -53,6 +53,13 @@ class DraftSpec:
     def __str__(self) -> str:
         return f"{self.precision}, head {self.head or 'full'}"
 
+    def to_json(self) -> dict[str, str | int]:
+        return {"precision": self.precision, "head": self.head, "min_rows": self.min_rows}
+
+    @classmethod
+    def from_json(cls, d: dict[str, str | int]) -> DraftSpec:
+        return cls(str(d.get("precision", "float32")), int(d.get("head", 0)), int(d.get("min_rows", 0)))
+
 
 def rank_tokens(texts: list[list[int]], vocab_size: int) -> np.ndarray:
     """Every token id, most frequent in ``texts`` (token id lists, e.g. the model's own continuations of

@@ -89,8 +89,11 @@ def main() -> None:
     ap.add_argument("--heads", default="4096,8192,16384,32768", help="narrow head sizes for the acceptance table")
     ap.add_argument("--cost-head", type=int, default=16384, help="narrow head size in the cost table")
     ap.add_argument("--masks", default="none,light", help="skip masks: none or bench.py's named masks")
-    ap.add_argument("--e2e", action="append", default=[], help="PRECISION:HEAD:MASK to run end to end (HEAD 0 = "
-                    "full, MASK empty = none); repeatable")
+    ap.add_argument("--e2e", action="append", default=[], help="PRECISION:HEAD:MASK[:ROWS] to run end to end (HEAD "
+                    "0 = full, MASK empty = none, ROWS: the draft dots' min_rows); repeatable")
+    ap.add_argument("--rows", default="0", help="min_rows values for the cost table (0: per backend)")
+    ap.add_argument("--calib-new", type=int, default=64, help="tokens generated per calibration prompt (ranking)")
+    ap.add_argument("--no-acceptance", action="store_true", help="skip the teacher-forced acceptance table")
     ap.add_argument("--repeats", type=int, default=2, help="end-to-end runs per prompt and decoder")
     args = ap.parse_args()
 
@@ -106,12 +109,14 @@ def main() -> None:
 
     t = time.perf_counter()
     calib = [tok.encode(r["text"]) for r in calibration()]
-    gen = generate(Decoder(cfg), params, calib, 64).tokens
+    gen = generate(Decoder(cfg), params, calib, args.calib_new).tokens
     ranking = rank_tokens([p + g for p, g in zip(calib, gen, strict=True)], cfg.vocab_size)
     print(f"- token ranking: {sum(map(len, gen))} generated + {sum(map(len, calib))} prompt tokens of "
           f"{len(calib)} calibration prompts ({time.perf_counter() - t:.0f} s)")
 
-    specs = {(p, h): DraftSpec(p, h) for p in ("float32", "int8", "bfloat16") for h in (0, args.cost_head)}
+    rows = [int(r) for r in args.rows.split(",")]
+    specs = {(p, h, r): DraftSpec(p, h, r) for p in ("float32", "int8", "bfloat16") for h in (0, args.cost_head)
+             for r in (rows if p != "float32" else [0])}
     cheap = {p: with_draft(params, cfg, DraftSpec(p, args.cost_head), ranking) for p in ("float32", "int8", "bfloat16")}
     for p, c in cheap.items():
         print(f"- {p} draft copy (head {args.cost_head}): {draft_bytes(c.draft) / 1e6:.0f} MB added")
@@ -121,28 +126,29 @@ def main() -> None:
     timers = {"full": step_loop(params, cfg, None, SkipMask(), 1)}
     for t in (2, 4, 8, 13):
         timers[f"verify T={t}"] = step_loop(params, cfg, None, SkipMask(), t)
-    for (p, h), spec in specs.items():
+    for (p, h, _), spec in specs.items():
         for m in mask_names:
             pr = cheap[p] if h else full_heads.get(p, cheap[p])
-            timers[(p, h, m)] = step_loop(pr, cfg, spec, masks[m], 1)
+            timers[(p, h, m, spec.rows)] = step_loop(pr, cfg, spec, masks[m], 1)
     cost = interleaved(timers, args.rounds)
     full = cost["full"]
     print(f"\n- full decode step {full * 1e3:.1f} ms (load {load_avg()}); verify / full: " +
           ", ".join(f"{k[7:]}: {v / full:.2f}" for k, v in cost.items() if str(k).startswith("verify")))
-    print("\n| draft precision | head | mask | draft step / full step |\n|---|---|---|---|")
+    print("\n| draft precision | head | mask | dot rows | draft step / full step |\n|---|---|---|---|---|")
     for k, v in cost.items():
         if isinstance(k, tuple):
-            print(f"| {k[0]} | {k[1] or 'full'} | {k[2]} | {v / full:.2f} |")
+            print(f"| {k[0]} | {k[1] or 'full'} | {k[2]} | {k[3]} | {v / full:.2f} |")
 
     # ---- acceptance (teacher-forced) -----------------------------------------------------------------------------
-    conts = generate(Decoder(cfg), params, list(prompts.values()), args.max_new_tokens).tokens
-    seqs = list(zip(prompts.values(), conts, strict=True))
-    print("\n| draft precision | mask | top-1 agreement, head full | " +
-          " | ".join(f"head {h}" for h in heads) + " |\n|---|---|---|" + "---|" * len(heads))
-    for p, m in itertools.product(("float32", "int8", "bfloat16"), mask_names):
-        spec = DraftSpec(p) if p != "float32" else None
-        acc = agreement(full_heads.get(p, params), cfg, spec, masks[m], seqs, ranking, [0, *heads])
-        print(f"| {p} | {m} | " + " | ".join(f"{acc[h]:.3f}" for h in [0, *heads]) + " |")
+    if not args.no_acceptance:
+        conts = generate(Decoder(cfg), params, list(prompts.values()), args.max_new_tokens).tokens
+        seqs = list(zip(prompts.values(), conts, strict=True))
+        print("\n| draft precision | mask | top-1 agreement, head full | " +
+              " | ".join(f"head {h}" for h in heads) + " |\n|---|---|---|" + "---|" * len(heads))
+        for p, m in itertools.product(("float32", "int8", "bfloat16"), mask_names):
+            spec = DraftSpec(p) if p != "float32" else None
+            acc = agreement(full_heads.get(p, params), cfg, spec, masks[m], seqs, ranking, [0, *heads])
+            print(f"| {p} | {m} | " + " | ".join(f"{acc[h]:.3f}" for h in [0, *heads]) + " |")
 
     # ---- end to end ----------------------------------------------------------------------------------------------
     if not args.e2e:
@@ -151,17 +157,17 @@ def main() -> None:
           "|---|---|---|---|---|---|---|---|")
     ar = Decoder(cfg)
     for combo in args.e2e:
-        p, h, m = combo.split(":")
-        spec, mask = DraftSpec(p, int(h)), masks[m or "none"]
+        p, h, m, *r = combo.split(":")
+        spec, mask = DraftSpec(p, int(h), int(r[0]) if r else 0), masks[m or "none"]
         pr = with_draft(params, cfg, spec, ranking)
         dec = SpecDecoder(cfg, skip=mask, draft_spec=spec)
         draft_cost = interleaved({"d": step_loop(pr, cfg, spec, mask, 1), "f": timers["full"]}, args.rounds)
         c_draft = draft_cost["d"] / draft_cost["f"]
         c_verify = {t: cost[f"verify T={t}"] / full for t in dec.verify_sizes}
         speedups = []
+        generate(ar, params, [prompts["code"]], args.max_new_tokens)
+        generate(dec, pr, [prompts["code"]], args.max_new_tokens)  # warm-up
         for name, ids in prompts.items():
-            generate(ar, params, [ids], args.max_new_tokens)
-            generate(dec, pr, [ids], args.max_new_tokens)  # warm-up
             ra, rs = [], []
             for _ in range(args.repeats):
                 ra.append(generate(ar, params, [ids], args.max_new_tokens))
@@ -173,8 +179,8 @@ def main() -> None:
                        for nd in st["drafted_trace"][0][: st["verify_calls"][0]])
             speedups.append(s_tps / a_tps)
             same = all(r.tokens == ra[0].tokens for r in rs)
-            print(f"| {spec}, {m or 'none'} (draft {c_draft:.2f}) | {name} | {a_tps:.1f} | {s_tps:.1f} | "
-                  f"{s_tps / a_tps:.2f}x | {rs[0].new_tokens / pred:.2f}x | "
+            print(f"| {spec}, {m or 'none'}, rows {spec.rows} (draft {c_draft:.2f}) | {name} | {a_tps:.1f} | "
+                  f"{s_tps:.1f} | {s_tps / a_tps:.2f}x | {rs[0].new_tokens / pred:.2f}x | "
                   f"{st['accepted'][0] / max(st['drafted'][0], 1):.2f} | {same} |")
         print(f"| {spec}, {m or 'none'} | **median** | | | **{statistics.median(speedups):.2f}x** | | | |")
     print(f"\nload at the end: {load_avg()}")

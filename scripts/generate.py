@@ -88,14 +88,14 @@ def pick_profile(args: argparse.Namespace, cfg, ckpt_dir: Path) -> Profile | Non
 
 
 def draft_choice(args: argparse.Namespace, prof: Profile) -> tuple[DraftSpec | None, list[int] | None]:
-    """The cheap draft (flags over the profile's ``draft`` entry) and the profile's token ranking; None: the
-    checkpoint's own weights and head."""
-    saved = prof.info.get("draft") or {}
-    precision = args.draft_precision or saved.get("precision", "float32")
-    head = args.draft_head if args.draft_head is not None else int(saved.get("head", 0))
-    if precision == "float32" and not head:
+    """The cheap draft (flags over the profile's ``draft`` entry, a ``DraftSpec.to_json``) and the profile's token
+    ranking (``draft_vocab``: token ids, most frequent first); None: the checkpoint's own weights and head."""
+    saved = DraftSpec.from_json(prof.info.get("draft") or {})
+    spec = DraftSpec(args.draft_precision or saved.precision,
+                     saved.head if args.draft_head is None else args.draft_head, saved.min_rows)
+    if spec.precision == "float32" and not spec.head:
         return None, None
-    return DraftSpec(precision, head), prof.info.get("draft_vocab")
+    return spec, prof.info.get("draft_vocab")
 
 
 def text_of(tok, ids: list[int], eos: tuple[int, ...]) -> str:  # noqa: ANN001
