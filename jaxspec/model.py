@@ -7,6 +7,7 @@ Every parameter and cache array names its logical axes in ``AXES`` so ``sharding
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,7 @@ class Params:
     layers: tuple[Layer, ...]
     norm: Array
     lm_head: Array | None  # None when the embeddings are tied
+    draft: Any = None  # a cheap copy for speculative drafts only (``draft_model.DraftParams``), or None
 
 
 def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
@@ -162,6 +164,16 @@ def _write(cache_arr: Array, new: Array, start: Array) -> Array:
     return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (s, 0, 0)))(cache_arr, new, start)
 
 
+def attend(q: Array, k_cache: Array, v_cache: Array, positions: Array) -> Array:
+    """Causal attention core of q (B, T, kv, g, hd) over all keys of k/v (B, S, kv, hd); returns (B, T, kv, g, hd)."""
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    key_pos = jnp.arange(k_cache.shape[1])
+    mask = key_pos[None, None, :] <= positions[:, :, None]  # (B, T, S)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v_cache)
+
+
 def attention(layer: Layer, x: Array, k_cache: Array, v_cache: Array, positions: Array, start: Array,
               cfg: Config) -> tuple[Array, Array, Array]:
     """Causal GQA attention of a T-token chunk against the cache; returns (out, k_cache, v_cache)."""
@@ -172,14 +184,8 @@ def attention(layer: Layer, x: Array, k_cache: Array, v_cache: Array, positions:
     v = jnp.einsum("btd,dhk->bthk", x, layer.wv)
     k_cache = _write(k_cache, k.astype(k_cache.dtype), start)
     v_cache = _write(v_cache, v.astype(v_cache.dtype), start)
-    q = q.reshape(B, T, kv, g, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache, preferred_element_type=jnp.float32) / math.sqrt(hd)
-    key_pos = jnp.arange(k_cache.shape[1])
-    mask = key_pos[None, None, :] <= positions[:, :, None]  # (B, T, S)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache).reshape(B, T, cfg.n_heads, hd)
-    return jnp.einsum("bthk,hkd->btd", out, layer.wo), k_cache, v_cache
+    out = attend(q.reshape(B, T, kv, g, hd), k_cache, v_cache, positions)
+    return jnp.einsum("bthk,hkd->btd", out.reshape(B, T, cfg.n_heads, hd), layer.wo), k_cache, v_cache
 
 
 def mlp(layer: Layer, x: Array) -> Array:

@@ -20,6 +20,7 @@ from flax import struct
 
 from jaxspec.config import SkipMask
 from jaxspec.decode import Decoder, State
+from jaxspec.draft_model import DraftSpec, draft_forward
 from jaxspec.model import KVCache, Params, forward
 from jaxspec.sampling import probs, sample_probs
 
@@ -169,6 +170,10 @@ class SpecDecoder(Decoder):
     ``adaptive_k`` a row proposes at most 1 + 2 × (its moving average of accepted n-gram tokens) of them (after
     SuffixDecoding's match-confidence cap): the length doubles while copies are accepted and shrinks to one token
     where they are not, so text that does not repeat its context pays for 2-token verifies, not k+1-token ones.
+
+    ``draft_spec`` makes model drafts with the cheap copy ``params.draft`` (``draft_model.with_draft``): low
+    precision, narrow head. The copy travels inside the params pytree given to ``run``, so verify and prefill see
+    the model as is.
     """
 
     skip: SkipMask = SkipMask()
@@ -179,6 +184,7 @@ class SpecDecoder(Decoder):
     ngram_max: int = 4
     ngram_k: int = 8
     adaptive_k: bool = True
+    draft_spec: DraftSpec | None = None
 
     mode = "ssd"
 
@@ -230,7 +236,7 @@ class SpecDecoder(Decoder):
         def body(c: tuple) -> tuple:
             d, cache, tok, active, drafts, q, n_draft, key = c
             active = active & (n_draft < room - 1)
-            logits, cache = forward(params, self.cfg, tok[:, None], cache, self.skip)
+            logits, cache = draft_forward(params, self.cfg, tok[:, None], cache, self.skip, self.draft_spec)
             logits = logits[:, 0]
             if greedy:
                 nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)

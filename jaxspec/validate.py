@@ -108,6 +108,10 @@ RULES: dict[str, Callable[[str, Any], Any]] = {
     "top_p": _real(0.0, 1.0, lo_open=True),
     "threshold": _real(0.0, 1.0),
     "max_draft": _int(1, 64),
+    "ngram_min": _int(1, 64),
+    "ngram_max": _int(1, 64),
+    "ngram_k": _int(1, 64),
+    "draft_head": _int(0, MAX_TOKENS),
     "seed": _int(0, 2**32 - 1),
     "batch_size": _int(1, 1 << 16),
     "batch": _int(1, 1 << 16),
@@ -182,8 +186,8 @@ def profile(d: Any) -> dict[str, Any]:
     ngram = d.get("ngram", [2, 4, 8])
     if not isinstance(ngram, list) or len(ngram) != 3:
         raise ValueError(f"'ngram' must be [min, max, k], got {show(ngram)}")
-    for name, v in zip(("ngram min", "ngram max", "ngram k"), ngram, strict=True):
-        number(f"'ngram' {name}", v, 1, 64, integer=True)
+    for name, v in zip(("ngram_min", "ngram_max", "ngram_k"), ngram, strict=True):
+        value(name, v, f"'ngram' {name.split('_')[1]}")
     return d
 
 

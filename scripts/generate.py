@@ -29,6 +29,7 @@ from jaxspec.batch import run_batch_job  # noqa: E402
 from jaxspec.checkpoint import CheckpointError, cache_dir, load, resolve  # noqa: E402
 from jaxspec.config import SkipMask  # noqa: E402
 from jaxspec.decode import Decoder, Result, generate, result_stats  # noqa: E402
+from jaxspec.draft_model import PRECISIONS, DraftSpec, with_draft  # noqa: E402
 from jaxspec.profile import DEFAULT, PROFILE_NAME, Profile, load_profile  # noqa: E402
 from jaxspec.sampling import Sampling  # noqa: E402
 from jaxspec.sharding import MeshDecoder, make_mesh, param_sharding_fn  # noqa: E402
@@ -63,12 +64,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-draft", type=int, help="most tokens drafted per cycle (default 12 or the profile's)")
     ap.add_argument("--threshold", type=float, help="initial draft-exit threshold θ (default 0.6 or the profile's)")
     ap.add_argument("--fixed-threshold", action="store_true", help="keep θ fixed instead of adapting it")
+    ap.add_argument("--draft-precision", choices=PRECISIONS, help="ssd: the draft's own weight precision (int8: a "
+                    "per-channel copy, ~1/4 of the float32 layer weights; default float32 or the profile's)")
+    ap.add_argument("--draft-head", type=int, help="ssd: the draft's head covers only this many most frequent tokens "
+                    "(the profile's ranking, else token id order); 0 = the whole vocabulary")
     ap.add_argument("--compare", action="store_true", help="run ar then ssd on the prompt and report both")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="default float32 (bfloat16 is for GPU/TPU)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="default float32 (bfloat16 is for GPU/TPU; "
+                    "refused on CPU, where it decodes several times slower)")
     ap.add_argument("--json", action="store_true", help="print one JSON object (last line of stdout)")
     ap.add_argument("--verbose", action="store_true")
     return ap.parse_args(argv)
@@ -83,6 +89,17 @@ def pick_profile(args: argparse.Namespace, cfg, ckpt_dir: Path) -> Profile | Non
         return load_profile(args.skip_profile, cfg)
     own = ckpt_dir / PROFILE_NAME
     return load_profile(own, cfg) if own.exists() else None
+
+
+def draft_choice(args: argparse.Namespace, prof: Profile) -> tuple[DraftSpec | None, list[int] | None]:
+    """The cheap draft (flags over the profile's ``draft`` entry, a ``DraftSpec.to_json``) and the profile's token
+    ranking (``draft_vocab``: token ids, most frequent first); None: the checkpoint's own weights and head."""
+    saved = DraftSpec.from_json(prof.info.get("draft") or {})
+    spec = DraftSpec(args.draft_precision or saved.precision,
+                     saved.head if args.draft_head is None else args.draft_head, saved.min_rows)
+    if spec.precision == "float32" and not spec.head:
+        return None, None
+    return spec, prof.info.get("draft_vocab")
 
 
 def text_of(tok, ids: list[int], eos: tuple[int, ...]) -> str:  # noqa: ANN001
@@ -100,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     validate.flags(args)
     if args.input is None and not args.prompt:
         raise ValueError("empty prompt")
+    if args.dtype == "bfloat16" and jax.default_backend() == "cpu":
+        raise ValueError("--dtype bfloat16 decodes 5-9x slower than float32 on CPU (XLA:CPU's bfloat16 path); use "
+                         "float32 there, with --draft-precision int8 for a cheaper speculative draft")
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     # Compiled decode loops persist across runs (XLA's compilation cache), so only the first run pays to compile.
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
@@ -127,10 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     base = prof or DEFAULT
     ngram = [a if a is not None else b for a, b in zip((args.ngram_min, args.ngram_max, args.ngram_k), base.ngram,
                                                        strict=True)]
+    spec, ranking = draft_choice(args, base)
     ssd = SpecDecoder(cfg, sampling, eos, skip=base.mask if drafter != "ngram" else SkipMask(),
                       max_draft=args.max_draft or base.max_draft, adaptive=not args.fixed_threshold, drafter=drafter,
-                      ngram_min=ngram[0], ngram_max=ngram[1], ngram_k=ngram[2])  # checks the settings (ValueError)
+                      ngram_min=ngram[0], ngram_max=ngram[1], ngram_k=ngram[2],  # checks the settings (ValueError)
+                      draft_spec=spec)
     log(f"drafter {drafter}: skip mask {ssd.skip}, n-gram {ngram[0]}..{ngram[1]} tokens, k={ngram[2]}")
+    if spec is not None:
+        params = with_draft(params, cfg, spec, ranking)
+        log(f"draft: {spec}")
     theta = args.threshold if args.threshold is not None else base.threshold
     if args.input:
         dec = ssd if mode == "ssd" else ar

@@ -10,6 +10,7 @@ from scipy import stats
 
 from jaxspec.config import PRESETS, SkipMask
 from jaxspec.decode import Decoder, generate
+from jaxspec.draft_model import DraftSpec, with_draft
 from jaxspec.model import KVCache, forward, init_params
 from jaxspec.sampling import Sampling, probs
 from jaxspec.speculative import SpecDecoder, accept_greedy, accept_sample, ngram_propose, update_threshold
@@ -95,6 +96,40 @@ def test_ngram_lookup_by_hand():
     assert n.tolist() == [2] and drafts[0].tolist() == [8, 0]
     drafts, n = ngram_propose(h2, jnp.asarray([11]), 2, 2, 2)  # n = 2 only: the most recent "2 3" → "9 1"
     assert drafts[0].tolist() == [9, 1]
+
+
+# Cheap drafts (draft_model): low precision, a narrow head over a shuffled token ranking, forced row padding.
+DRAFTS = {
+    "int8": (DraftSpec("int8", min_rows=2), MASKS["empty"]),
+    "int8-narrow-few": (DraftSpec("int8", head=200), MASKS["few"]),
+    "bf16-narrow-half": (DraftSpec("bfloat16", head=128, min_rows=3), MASKS["half"]),
+    "f32-narrow": (DraftSpec("float32", head=160), MASKS["empty"]),
+}
+
+
+@pytest.mark.parametrize("spec,mask", DRAFTS.values(), ids=DRAFTS.keys())
+def test_greedy_cheap_draft_equals_ar(params, spec, mask):
+    ranking = np.random.default_rng(0).permutation(CFG.vocab_size)
+    cheap = with_draft(params, CFG, spec, ranking)
+    drafted = 0
+    for prompt in [tinymodel.progression(9, 2, n) for n in (1, 17, 66)]:
+        ar = generate(Decoder(CFG), params, [prompt], 20).tokens[0]
+        ssd = generate(SpecDecoder(CFG, skip=mask, max_draft=5, draft_spec=spec), cheap, [prompt], 20)
+        assert_lossless(params, prompt, ar, ssd.tokens[0])
+        assert len(ssd.tokens[0]) == 20
+        drafted += ssd.stats.summary(0)["drafted"]
+    assert drafted > 0
+
+
+def test_int8_draft_of_the_full_model_is_accepted(params):
+    """No skipped sublayer and the whole head: the int8 copy should agree with float32 almost always (a wrong
+    quantization or row padding would not)."""
+    prompt = tinymodel.progression(9, 2, 8)
+    spec = DraftSpec("int8", min_rows=2)
+    res = generate(SpecDecoder(CFG, max_draft=6, draft_spec=spec, adaptive=False), with_draft(params, CFG, spec),
+                   [prompt], 40, theta=0.0)
+    s = res.stats.summary(0)
+    assert s["accepted"] >= 0.9 * s["drafted"]
 
 
 def test_greedy_ssd_accepts_and_drafts(params):
