@@ -1,9 +1,9 @@
 """Per-task speedups of the draft sources over AR, measured side by side in one process (interleaved rounds).
 
-    python benchmarks/bench_tasks.py                          # summarization, code, chat/story: AR vs n-gram drafting
+    python benchmarks/bench_tasks.py  # summarization, code, chat/story: AR vs n-gram drafting
     python benchmarks/bench_tasks.py --drafter ngram --drafter hybrid --skip-attn 10,12 --rounds 3
-    python benchmarks/bench_tasks.py --lookup-cost            # n-gram lookup cost vs one decode step, 128 and 4k history
-    python benchmarks/bench_tasks.py --verify-cost            # a cycle verifying 1 or 2 tokens vs one AR step
+    python benchmarks/bench_tasks.py --lookup-cost  # n-gram lookup cost vs one decode step, 128 and 4k history
+    python benchmarks/bench_tasks.py --verify-cost  # a cycle verifying 1 or 2 tokens vs one AR step
 
 Prompts: aclsum evaluation abstracts ("summarize"), HumanEval evaluation functions, MT-Bench evaluation questions
 plus story requests, each in the chat template. A round runs every prompt with every decoder back to back, in an
