@@ -19,12 +19,14 @@ import hashlib
 import json
 import logging
 import math
+import mmap
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -271,14 +273,45 @@ def _param_saver():  # noqa: ANN202 - ocp.Checkpointer
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, type_handler_registry=reg))
 
 
+def _map_read(path: Path) -> mmap.mmap:
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+
+
+@contextmanager
+def _released(maps: list[mmap.mmap], period: float = 0.05) -> Iterator[None]:
+    """While orbax reads the staging files, drop their pages from this process every ``period`` s.
+
+    Pages of a file mapping that have been read stay in the process's RSS until unmapped, so saving a tree of
+    mapped files would peak at the checkpoint's size. ``MADV_DONTNEED`` on a shared read-only file mapping only
+    unmaps: the data stays in the page cache (reclaimable, not RSS) and a page touched again faults back in. Peak
+    RSS is then bounded by what orbax reads in one period, not by the checkpoint.
+    """
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(period):
+            for m in maps:
+                m.madvise(mmap.MADV_DONTNEED)
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+
+
 def save_checkpoint(path: str | Path, cfg: Config, tensors: Iterable[tuple[str, np.ndarray]],
                     tokenizer: Tokenizer | None = None, meta: Mapping[str, Any] | None = None,
                     progress: bool = False) -> Path:
     """Write a checkpoint from ``(name, array)`` pairs (jaxspec names, e.g. from ``convert_tensors``).
 
     Each tensor is copied into a memory-mapped staging file as it arrives, so host memory holds about one
-    tensor at a time; orbax then writes the tree of memmaps. Everything goes to a hidden sibling directory that
-    replaces ``path`` only once complete: a failure (or a kill) leaves any previous checkpoint intact.
+    tensor at a time; orbax then writes the tree of mapped files, whose pages ``_released`` keeps out of RSS.
+    Everything goes to a hidden sibling directory that replaces ``path`` only once complete: a failure (or a
+    kill) leaves any previous checkpoint intact.
     """
     ocp = _orbax()
     path = Path(path).absolute()
@@ -305,13 +338,16 @@ def save_checkpoint(path: str | Path, cfg: Config, tensors: Iterable[tuple[str, 
         dtypes = {str(d) for _, d in specs.values()}
         if len(dtypes) != 1:
             raise CheckpointError(f"parameters have mixed dtypes {sorted(dtypes)}")
-        tree = {n: np.memmap(staging / f"{n}.bin", d, "r", shape=s) for n, (s, d) in specs.items()}
+        maps = {n: _map_read(staging / f"{n}.bin") for n in specs}
+        tree = {n: np.frombuffer(maps[n], d).reshape(s) for n, (s, d) in specs.items()}
         if progress:
             print(f"jaxspec: writing {len(tree)} arrays to {path}", file=sys.stderr, flush=True)
-        with _quiet_absl(), _param_saver() as ckptr:
+        with _quiet_absl(), _param_saver() as ckptr, _released(list(maps.values())):
             chunked = {n: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES) for n in tree}
             ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(tree, save_args=chunked))
         del tree
+        for m in maps.values():
+            m.close()
         shutil.rmtree(staging)
         cfg = cfg.replace(dtype=dtypes.pop())
         (tmp / "config.json").write_text(json.dumps(cfg.to_json(), indent=1) + "\n")

@@ -166,22 +166,25 @@ def bench_shape(rep: Report, name: str, args: argparse.Namespace, peak: float | 
           f"(T: AR steps) | draft cost (mask: AR steps) | predicted speedup at acceptance "
           f"{'/'.join(map(str, ACCEPTANCE))} (k) |", "|---|---|---|---|---|---|---|---|---|"]
     none, all_layers = SkipMask(), tuple(range(n))
-    for B in args.batches:
-        def secs(T: int, mask: SkipMask) -> float:
-            if n == L:
-                return pass_seconds(params, cfg, B, T, mask, args.context)
-            if T not in cache_lc:  # three timed passes per T give the depth model
-                t = [pass_seconds(params, cfg, B, T, m, args.context) for m in
-                     (none, SkipMask(attn=all_layers, mlp=all_layers), SkipMask(mlp=all_layers))]
-                cache_lc[T] = LayerCosts.from_passes(*t, n_layers=n)
-            return cache_lc[T].seconds(L, mask)
+    depth: dict[tuple[int, int], LayerCosts] = {}
 
-        cache_lc: dict[int, LayerCosts] = {}
-        ar = secs(1, none)
+    def secs(B: int, T: int, mask: SkipMask) -> float:
+        """Seconds of a (B, T) pass of the full-depth model with ``mask`` skipped: timed, or from three timed
+        passes of the truncation (full, nothing but embedding and head, attention only) by ``LayerCosts``."""
+        if n == L:
+            return pass_seconds(params, cfg, B, T, mask, args.context)
+        if (B, T) not in depth:
+            t = [pass_seconds(params, cfg, B, T, m, args.context) for m in
+                 (none, SkipMask(attn=all_layers, mlp=all_layers), SkipMask(mlp=all_layers))]
+            depth[B, T] = LayerCosts.from_passes(*t, n_layers=n)
+        return depth[B, T].seconds(L, mask)
+
+    for B in args.batches:
+        ar = secs(B, 1, none)
         kv_bytes = B * args.context * L * 2 * full.n_kv_heads * full.head_dim * 2
         step_bytes = weight_bytes - full.vocab_size * full.dim * 2 + kv_bytes  # a step gathers B embedding rows
-        verify = {T: secs(T, none) / ar for T in args.verify}
-        draft = {m: secs(1, mask) / ar for m, mask in masks.items()}
+        verify = {T: secs(B, T, none) / ar for T in args.verify}
+        draft = {m: secs(B, 1, mask) / ar for m, mask in masks.items()}
         pred = {m: {str(a): predicted_speedup(a, c, verify) for a in ACCEPTANCE} for m, c in draft.items()}
         bw = step_bytes / ar / 1e9
         out["batches"][B] = {"ar_step_s": ar, "ar_tokens_per_s": B / ar, "bytes_per_step": step_bytes,
@@ -194,7 +197,6 @@ def bench_shape(rep: Report, name: str, args: argparse.Namespace, peak: float | 
                   f"{', '.join(f'{m}: {c:.2f}' for m, c in draft.items())} | "
                   f"{'; '.join(f'{m}: {s}' for m, s in best.items())} |")
     rep.add(name, out, "\n".join(md) + "\n")
-    del params
 
 
 def _shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
@@ -269,7 +271,7 @@ def bench_e2e(rep: Report, args: argparse.Namespace) -> None:
     out: dict[str, Any] = {"ckpt": args.e2e, "dtype": "bfloat16", "skip_mask": skip.to_json(), "modes": {}}
     md = [f"## End to end: {args.e2e}, bfloat16, {len(prompts)} prompts x {args.rounds} rounds, {args.max_new} new "
           f"tokens, batch 1\n", "| mode | tok/s | speedup vs AR | acceptance | mean accepted | greedy == AR | "
-          "compiles: warm-up / in requests | run calls per request | host ops in loop |", "|---|---|---|---|---|---|---|---|---|"]
+          "compiles: warm-up / in requests | run calls per request | host ops in loop |", "|---" * 9 + "|"]
     for m, rs in runs.items():
         per_round = [sum(r[2] for r in rs[i:i + len(prompts)]) for i in range(0, len(rs), len(prompts))]
         ar_rounds = [sum(r[2] for r in runs["ar"][i:i + len(prompts)]) for i in range(0, len(rs), len(prompts))]
