@@ -335,9 +335,8 @@ def save_checkpoint(path: str | Path, cfg: Config, tensors: Iterable[tuple[str, 
             specs[name] = (tuple(arr.shape), arr.dtype)
             del mm, arr
         _check_params({n: s for n, (s, _) in specs.items()}, cfg, f"saving {path}")
-        dtypes = {str(d) for _, d in specs.values()}
-        if len(dtypes) != 1:
-            raise CheckpointError(f"parameters have mixed dtypes {sorted(dtypes)}")
+        if len({str(d) for _, d in specs.values()}) != 1:
+            raise CheckpointError(f"parameters have mixed dtypes {sorted({str(d) for _, d in specs.values()})}")
         maps = {n: _map_read(staging / f"{n}.bin") for n in specs}
         tree = {n: np.frombuffer(maps[n], d).reshape(s) for n, (s, d) in specs.items()}
         if progress:
@@ -349,20 +348,67 @@ def save_checkpoint(path: str | Path, cfg: Config, tensors: Iterable[tuple[str, 
         for m in maps.values():
             m.close()
         shutil.rmtree(staging)
-        cfg = cfg.replace(dtype=dtypes.pop())
-        (tmp / "config.json").write_text(json.dumps(cfg.to_json(), indent=1) + "\n")
-        if tokenizer is not None:
-            tokenizer.save(tmp / "tokenizer")
-        manifest = {
-            "format": FORMAT, "version": FORMAT_VERSION, "tokenizer": tokenizer is not None, "meta": dict(meta or {}),
-            "params": {n: {"shape": list(s), "dtype": str(d)} for n, (s, d) in specs.items()},
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        (tmp / "owner").unlink()
-        _replace_dir(tmp, path)
+        _finish(tmp, path, cfg, specs, tokenizer, meta)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return path
+
+
+def _finish(tmp: Path, path: Path, cfg: Config, specs: Mapping[str, tuple[tuple[int, ...], Any]],
+            tokenizer: Tokenizer | None, meta: Mapping[str, Any] | None) -> None:
+    """Write config, tokenizer and manifest beside ``tmp/params`` and move ``tmp`` to ``path``."""
+    cfg = cfg.replace(dtype=str(next(iter(specs.values()))[1]))
+    (tmp / "config.json").write_text(json.dumps(cfg.to_json(), indent=1) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(tmp / "tokenizer")
+    manifest = {
+        "format": FORMAT, "version": FORMAT_VERSION, "tokenizer": tokenizer is not None, "meta": dict(meta or {}),
+        "params": {n: {"shape": list(s), "dtype": str(d)} for n, (s, d) in specs.items()},
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    (tmp / "owner").unlink(missing_ok=True)
+    _replace_dir(tmp, path)
+
+
+def save_params(path: str | Path, cfg: Config, params: Params, tokenizer: Tokenizer | None = None,
+                meta: Mapping[str, Any] | None = None) -> Path:
+    """Save (possibly sharded, possibly multi-host) ``jax.Array`` parameters as a checkpoint, in the same format.
+
+    Every process calls it: each writes only its own shards (orbax writes replica 0 of each shard once), so no
+    host gathers the model; ``path`` must be on storage all hosts share. Process 0 alone prepares the directory,
+    writes config, tokenizer and manifest and swaps the finished directory in, with barriers around, so the
+    swap stays atomic and no process returns before the checkpoint exists.
+    """
+    from jax.experimental import multihost_utils
+
+    ocp = _orbax()
+    path = Path(path).absolute()
+    flat = params_to_flat(params)
+    _check_params({n: tuple(a.shape) for n, a in flat.items()}, cfg, f"saving {path}")
+    if len({str(a.dtype) for a in flat.values()}) != 1:
+        raise CheckpointError(f"parameters have mixed dtypes {sorted({str(a.dtype) for a in flat.values()})}")
+    primary = jax.process_index() == 0
+    tmp = path.parent / f".{path.name}.tmp-save"
+    if primary:
+        _check_target(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    multihost_utils.sync_global_devices(f"jaxspec save_params {path}: start")
+    try:
+        with _quiet_absl(), ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)) as ckptr:
+            chunked = {n: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES) for n in flat}
+            ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(flat, save_args=chunked))
+        multihost_utils.sync_global_devices(f"jaxspec save_params {path}: written")
+        if primary:
+            _finish(tmp, path, cfg, {n: (tuple(a.shape), a.dtype) for n, a in flat.items()}, tokenizer, meta)
+    except BaseException:
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    multihost_utils.sync_global_devices(f"jaxspec save_params {path}: done")
     return path
 
 
