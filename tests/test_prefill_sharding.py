@@ -52,8 +52,8 @@ def child(workdir: Path) -> None:
 
 
 def test_prefill_cache_sharded_one_eighth_per_device(tmp_path):
-    r = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env_with_devices(8), capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env_with_devices(8), capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["8x1"]["spec"] == "('data', None, None, None)"  # 2 KV heads: the model axis has size 1
