@@ -60,6 +60,7 @@ MODES: dict[str, Callable[[Config, tuple[int, ...], SkipMask], Decoder]] = {
 }
 TEXTS = ("The history of the Roman Empire began when", "def fibonacci(n):", "Write a haiku about the sea.")
 COMPILES = [0]
+T0 = time.perf_counter()
 jax.monitoring.register_event_duration_secs_listener(
     lambda name, *a, **k: COMPILES.__setitem__(0, COMPILES[0] + (name == "/jax/core/compile/backend_compile_duration")))
 
@@ -78,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                        "skip_profile.json, else every other middle attention sublayer)")
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--deadline-s", type=float, default=540.0,
+                    help="start no new batch or shape after this many seconds (the device tool allows 600 per call)")
     ap.add_argument("--hf", action="store_true", help="also time HF transformers greedy decode (needs torch)")
     ap.add_argument("--hf-child", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -91,10 +94,15 @@ class Report:
                                                           f"```\n{json.dumps(head)}\n```\n"]
         out.mkdir(parents=True, exist_ok=True)
 
-    def add(self, key: str, value: Any, md: str) -> None:
+    def add(self, key: str, value: Any, md: str, replace: bool = False) -> None:
+        """Record a section (``replace``: update the section ``key`` added last, e.g. one more table row)."""
+        if replace and key in self.data:
+            self.md[-1] = md
+            print(md.rstrip().splitlines()[-1], flush=True)
+        else:
+            self.md.append(md)
+            print(md, flush=True)
         self.data[key] = value
-        self.md.append(md)
-        print(md, flush=True)
         for name, text in (("report.json", json.dumps(self.data, indent=1)), ("report.md", "\n".join(self.md))):
             tmp = self.out / f".{name}.tmp"
             tmp.write_text(text + "\n")
@@ -180,6 +188,9 @@ def bench_shape(rep: Report, name: str, args: argparse.Namespace, peak: float | 
         return depth[B, T].seconds(L, mask)
 
     for B in args.batches:
+        if time.perf_counter() - T0 > args.deadline_s:
+            md.append(f"\n(stopped before batch {B}: --deadline-s {args.deadline_s:g} reached)")
+            break
         ar = secs(B, 1, none)
         kv_bytes = B * args.context * L * 2 * full.n_kv_heads * full.head_dim * 2
         step_bytes = weight_bytes - full.vocab_size * full.dim * 2 + kv_bytes  # a step gathers B embedding rows
@@ -196,7 +207,8 @@ def bench_shape(rep: Report, name: str, args: argparse.Namespace, peak: float | 
                   f"{', '.join(f'{t}: {c:.2f}' for t, c in verify.items())} | "
                   f"{', '.join(f'{m}: {c:.2f}' for m, c in draft.items())} | "
                   f"{'; '.join(f'{m}: {s}' for m, s in best.items())} |")
-    rep.add(name, out, "\n".join(md) + "\n")
+        rep.add(name, out, "\n".join(md) + "\n", replace=True)
+    rep.add(name, out, "\n".join(md) + "\n", replace=True)
 
 
 def _shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
@@ -336,6 +348,8 @@ def hf_peer(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global T0
+    T0 = time.perf_counter()
     args = parse_args(argv)
     if args.hf_child:
         hf_child(args.hf_child)
@@ -357,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.e2e:
         bench_e2e(rep, args)
     for s in shapes:
+        if time.perf_counter() - T0 > args.deadline_s:
+            rep.add(s, {"skipped": "deadline"}, f"## {s}: not run (--deadline-s {args.deadline_s:g} reached)\n")
+            continue
         bench_shape(rep, s, args, peak[1] if peak else None, copy)
         if s in hf:
             ar = rep.data[s].get("batches", {}).get(1, {}).get("ar_tokens_per_s")
