@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from bench import timed  # noqa: E402  (scripts/bench.py)
 
 from jaxspec import profile  # noqa: E402
 from jaxspec.config import PRESETS, Config, SkipMask  # noqa: E402
@@ -109,17 +110,6 @@ class Report:
             os.replace(tmp, self.out / name)
 
 
-def timed(fn: Callable[[], Any], repeats: int = 3) -> float:
-    """Median seconds of ``fn()`` after one warm-up call."""
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 def pass_seconds(params: Params, cfg: Config, B: int, T: int, skip: SkipMask, context: int, n: int = 8) -> float:
     """Seconds per forward pass of a (B, T) chunk appended at ``context`` (n passes in one jitted loop)."""
 
@@ -131,7 +121,7 @@ def pass_seconds(params: Params, cfg: Config, B: int, T: int, skip: SkipMask, co
         return jax.lax.fori_loop(0, n, body, (cache, jnp.float32(0)))[1]
 
     cache = KVCache.create(cfg, B, context + T).replace(lengths=jnp.full((B,), context, jnp.int32))
-    return timed(lambda: loop(params, cache)) / n
+    return timed(lambda: loop(params, cache), 3) / n
 
 
 def copy_gbs(nbytes: int) -> float:
