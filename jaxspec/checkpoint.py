@@ -311,8 +311,24 @@ def save_checkpoint(path: str | Path, cfg: Config, tensors: Iterable[tuple[str, 
     Each tensor is copied into a memory-mapped staging file as it arrives, so host memory holds about one
     tensor at a time; orbax then writes the tree of mapped files, whose pages ``_released`` keeps out of RSS.
     Everything goes to a hidden sibling directory that replaces ``path`` only once complete: a failure (or a
-    kill) leaves any previous checkpoint intact.
+    kill) leaves any previous checkpoint intact. In a multi-process job (the tensors are host-local numpy) process 0
+    alone writes and the others wait for it; sharded ``jax.Array`` parameters are saved with ``save_params``.
     """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        try:
+            if jax.process_index() == 0:
+                return _save_local(path, cfg, tensors, tokenizer, meta, progress)
+        finally:
+            multihost_utils.sync_global_devices(f"jaxspec save_checkpoint {path}")
+        return Path(path).absolute()
+    return _save_local(path, cfg, tensors, tokenizer, meta, progress)
+
+
+def _save_local(path: str | Path, cfg: Config, tensors: Iterable[tuple[str, np.ndarray]],
+                tokenizer: Tokenizer | None, meta: Mapping[str, Any] | None, progress: bool) -> Path:
+    """``save_checkpoint`` on this process alone."""
     ocp = _orbax()
     path = Path(path).absolute()
     _check_target(path)
