@@ -212,8 +212,16 @@ def place(tree: Any, shardings: Any) -> Any:
     shs = treedef.flatten_up_to(shardings)
     local = [i for i, x in enumerate(leaves) if getattr(x, "is_fully_addressable", True)]  # numpy too
     rest = [i for i in range(len(leaves)) if i not in set(local)]
-    if local:
-        moved = jax.jit(lambda *xs: xs, out_shardings=tuple(shs[i] for i in local))(*(leaves[i] for i in local))
+    if local:  # as host values: a committed single-device argument would pin the jit to that device
+        keys = {i: jax.random.key_impl(leaves[i]) for i in local
+                if jax.dtypes.issubdtype(leaves[i].dtype, jax.dtypes.prng_key)}
+        host = [np.asarray(jax.random.key_data(leaves[i]) if i in keys else leaves[i]) for i in local]
+
+        def ident(*xs: Array) -> tuple[Array, ...]:
+            return tuple(jax.random.wrap_key_data(x, impl=keys[i]) if i in keys else x
+                         for i, x in zip(local, xs, strict=True))
+
+        moved = jax.jit(ident, out_shardings=tuple(shs[i] for i in local))(*host)
         for i, x in zip(local, moved, strict=True):
             leaves[i] = x
     if rest:
