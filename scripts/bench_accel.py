@@ -192,13 +192,14 @@ def bench_shape(rep: Report, name: str, args: argparse.Namespace, peak: float | 
                              "achieved_gbs": bw, "of_spec_bw": bw / peak if peak else None, "of_copy_bw": bw / copy,
                              "verify_cost": verify, "draft_cost": draft, "predicted_speedup": pred}
         best = {m: "/".join(f"{p[str(a)][0]:.2f}" for a in ACCEPTANCE) + f" ({p['0.9'][1]})" for m, p in pred.items()}
-        md.append(f"| {B} | {ar * 1e3:.2f} | {B / ar:.1f} | {step_bytes / 1e9:.2f} GB | "
+        md.append(f"| {B} | {ar * 1e3:.2f} | {B / ar:.1f} | {step_bytes / 1e6:.1f} MB | "
                   f"{f'{bw / peak:.0%}' if peak else 'n/a'} | {bw / copy:.0%} | "
                   f"{', '.join(f'{t}: {c:.2f}' for t, c in verify.items())} | "
                   f"{', '.join(f'{m}: {c:.2f}' for m, c in draft.items())} | "
                   f"{'; '.join(f'{m}: {s}' for m, s in best.items())} |")
         rep.add(name, out, "\n".join(md) + "\n", replace=True)
-    rep.add(name, out, "\n".join(md) + "\n", replace=True)
+    if name not in rep.data or md[-1].startswith("\n(stopped"):
+        rep.add(name, out, "\n".join(md) + "\n", replace=True)
 
 
 def _shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
