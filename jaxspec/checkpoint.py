@@ -19,11 +19,13 @@ import fcntl
 import json
 import logging
 import math
+import mmap
 import os
 import shutil
 import socket
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -204,15 +206,62 @@ def _param_saver():  # noqa: ANN202 - ocp.Checkpointer
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False, type_handler_registry=reg))
 
 
+def _map_read(path: Path) -> mmap.mmap:
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+
+
+@contextmanager
+def _released(maps: list[mmap.mmap], period: float = 0.05) -> Iterator[None]:
+    """While orbax reads the staging files, drop their pages from this process every ``period`` s.
+
+    Pages of a file mapping that have been read stay in the process's RSS until unmapped, so saving a tree of
+    mapped files would peak at the checkpoint's size. ``MADV_DONTNEED`` on a shared read-only file mapping only
+    unmaps: the data stays in the page cache (reclaimable, not RSS) and a page touched again faults back in. Peak
+    RSS is then bounded by what orbax reads in one period, not by the checkpoint.
+    """
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(period):
+            for m in maps:
+                m.madvise(mmap.MADV_DONTNEED)
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+
+
 def save_checkpoint(path: str | Path, cfg: Config, tensors: Iterable[tuple[str, np.ndarray]],
                     tokenizer: Tokenizer | None = None, meta: Mapping[str, Any] | None = None,
                     progress: bool = False) -> Path:
     """Write a checkpoint from ``(name, array)`` pairs (jaxspec names, e.g. from ``convert_tensors``).
 
     Each tensor is copied into a memory-mapped staging file as it arrives, so host memory holds about one
-    tensor at a time; orbax then writes the tree of memmaps. Everything goes to a hidden sibling directory that
-    replaces ``path`` only once complete: a failure (or a kill) leaves any previous checkpoint intact.
+    tensor at a time; orbax then writes the tree of mapped files, whose pages ``_released`` keeps out of RSS.
+    Everything goes to a hidden sibling directory that replaces ``path`` only once complete: a failure (or a
+    kill) leaves any previous checkpoint intact. In a multi-process job (the tensors are host-local numpy) process 0
+    alone writes and the others wait for it; sharded ``jax.Array`` parameters are saved with ``save_params``.
     """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        try:
+            if jax.process_index() == 0:
+                return _save_local(path, cfg, tensors, tokenizer, meta, progress)
+        finally:
+            multihost_utils.sync_global_devices(f"jaxspec save_checkpoint {path}")
+        return Path(path).absolute()
+    return _save_local(path, cfg, tensors, tokenizer, meta, progress)
+
+
+def _save_local(path: str | Path, cfg: Config, tensors: Iterable[tuple[str, np.ndarray]],
+                tokenizer: Tokenizer | None, meta: Mapping[str, Any] | None, progress: bool) -> Path:
+    """``save_checkpoint`` on this process alone."""
     ocp = _orbax()
     path = Path(path).absolute()
     _check_target(path)
@@ -235,33 +284,82 @@ def save_checkpoint(path: str | Path, cfg: Config, tensors: Iterable[tuple[str, 
             specs[name] = (tuple(arr.shape), arr.dtype)
             del mm, arr
         _check_params({n: s for n, (s, _) in specs.items()}, cfg, f"saving {path}")
-        dtypes = {str(d) for _, d in specs.values()}
-        if len(dtypes) != 1:
-            raise CheckpointError(f"parameters have mixed dtypes {sorted(dtypes)}")
-        tree = {n: np.memmap(staging / f"{n}.bin", d, "r", shape=s) for n, (s, d) in specs.items()}
+        if len({str(d) for _, d in specs.values()}) != 1:
+            raise CheckpointError(f"parameters have mixed dtypes {sorted({str(d) for _, d in specs.values()})}")
+        maps = {n: _map_read(staging / f"{n}.bin") for n in specs}
+        tree = {n: np.frombuffer(maps[n], d).reshape(s) for n, (s, d) in specs.items()}
         if progress:
             print(f"jaxspec: writing {len(tree)} arrays to {path}", file=sys.stderr, flush=True)
-        with _quiet_absl(), _param_saver() as ckptr:
+        with _quiet_absl(), _param_saver() as ckptr, _released(list(maps.values())):
             chunked = {n: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES) for n in tree}
             ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(tree, save_args=chunked))
         del tree
+        for m in maps.values():
+            m.close()
         shutil.rmtree(staging)
-        cfg = cfg.replace(dtype=dtypes.pop())
-        (tmp / "config.json").write_text(json.dumps(cfg.to_json(), indent=1) + "\n")
-        if tokenizer is not None:
-            tokenizer.save(tmp / "tokenizer")
-        manifest = {
-            "format": FORMAT, "version": FORMAT_VERSION, "tokenizer": tokenizer is not None, "meta": dict(meta or {}),
-            "params": {n: {"shape": list(s), "dtype": str(d)} for n, (s, d) in specs.items()},
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        (tmp / "owner").unlink()
-        _replace_dir(tmp, path)
+        _finish(tmp, path, cfg, specs, tokenizer, meta)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         # Interrupted mid-save (Ctrl-C), orbax's writer threads may still add files: remove them once they are done.
         atexit.register(shutil.rmtree, tmp, ignore_errors=True)
         raise
+    return path
+
+
+def _finish(tmp: Path, path: Path, cfg: Config, specs: Mapping[str, tuple[tuple[int, ...], Any]],
+            tokenizer: Tokenizer | None, meta: Mapping[str, Any] | None) -> None:
+    """Write config, tokenizer and manifest beside ``tmp/params`` and move ``tmp`` to ``path``."""
+    cfg = cfg.replace(dtype=str(next(iter(specs.values()))[1]))
+    (tmp / "config.json").write_text(json.dumps(cfg.to_json(), indent=1) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(tmp / "tokenizer")
+    manifest = {
+        "format": FORMAT, "version": FORMAT_VERSION, "tokenizer": tokenizer is not None, "meta": dict(meta or {}),
+        "params": {n: {"shape": list(s), "dtype": str(d)} for n, (s, d) in specs.items()},
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    (tmp / "owner").unlink(missing_ok=True)
+    _replace_dir(tmp, path)
+
+
+def save_params(path: str | Path, cfg: Config, params: Params, tokenizer: Tokenizer | None = None,
+                meta: Mapping[str, Any] | None = None) -> Path:
+    """Save (possibly sharded, possibly multi-host) ``jax.Array`` parameters as a checkpoint, in the same format.
+
+    Every process calls it: each writes only its own shards (orbax writes replica 0 of each shard once), so no
+    host gathers the model; ``path`` must be on storage all hosts share. Process 0 alone prepares the directory,
+    writes config, tokenizer and manifest and swaps the finished directory in, with barriers around, so the
+    swap stays atomic and no process returns before the checkpoint exists.
+    """
+    from jax.experimental import multihost_utils
+
+    ocp = _orbax()
+    path = Path(path).absolute()
+    flat = params_to_flat(params)
+    _check_params({n: tuple(a.shape) for n, a in flat.items()}, cfg, f"saving {path}")
+    if len({str(a.dtype) for a in flat.values()}) != 1:
+        raise CheckpointError(f"parameters have mixed dtypes {sorted({str(a.dtype) for a in flat.values()})}")
+    primary = jax.process_index() == 0
+    tmp = path.parent / f".{path.name}.tmp-save"
+    if primary:
+        _check_target(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    multihost_utils.sync_global_devices(f"jaxspec save_params {path}: start")
+    try:
+        with _quiet_absl(), ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)) as ckptr:
+            chunked = {n: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES) for n in flat}
+            ckptr.save(tmp / "params", args=ocp.args.PyTreeSave(flat, save_args=chunked))
+        multihost_utils.sync_global_devices(f"jaxspec save_params {path}: written")
+        if primary:
+            _finish(tmp, path, cfg, {n: (tuple(a.shape), a.dtype) for n, a in flat.items()}, tokenizer, meta)
+    except BaseException:
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    multihost_utils.sync_global_devices(f"jaxspec save_params {path}: done")
     return path
 
 

@@ -7,6 +7,7 @@ yield ``(name, array)`` one tensor at a time so a caller can write each out befo
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -186,6 +187,39 @@ def _dequantize(t, block_bytes: int = 16 << 20) -> np.ndarray:  # noqa: ANN001 -
 
 # ---- HF ---------------------------------------------------------------------------------------------------
 
+def _safetensors_dtypes() -> dict[str, np.dtype]:
+    import ml_dtypes
+
+    return {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+            "BF16": np.dtype(ml_dtypes.bfloat16)}
+
+
+def _iter_safetensors(f: Path) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+    """``(name, loader)`` per tensor of one safetensors file, read with ``np.fromfile`` rather than a mapping:
+    the mapping ``safetensors.safe_open`` keeps open holds every page read in RSS until the file is closed (a whole
+    5-10 GB shard of a 70B checkpoint); a read buffer is freed with its tensor."""
+    size, types = f.stat().st_size, _safetensors_dtypes()
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"header length {n}")
+            header = json.loads(fh.read(n))
+        header.pop("__metadata__", None)
+        entries = []
+        for name, e in header.items():
+            dt, shape, (a, b) = types.get(e["dtype"]), tuple(e["shape"]), e["data_offsets"]
+            if dt is None:
+                raise ValueError(f"tensor {name}: dtype {e['dtype']} is not a float type")
+            if not 0 <= a <= b <= size - 8 - n or b - a != math.prod(shape) * dt.itemsize:
+                raise ValueError(f"tensor {name}: offsets {a}..{b} do not hold shape {shape}")
+            entries.append((name, dt, shape, 8 + n + a))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConversionError(f"{f.name}: not a readable safetensors file ({e})") from e
+    for name, dt, shape, off in entries:
+        yield name, (lambda dt=dt, s=shape, off=off: np.fromfile(f, dt, math.prod(s), offset=off).reshape(s))
+
+
 def iter_hf(path: str | Path) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
     """``(name, loader)`` for every tensor of an HF directory: safetensors (single or sharded), else torch .bin."""
     path = Path(path)
@@ -198,16 +232,8 @@ def iter_hf(path: str | Path) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
         if absent:
             raise ConversionError(f"safetensors shard(s) listed in the index are missing: {', '.join(absent)}")
     if files:
-        from safetensors import safe_open
-
         for f in files:
-            try:
-                handle = safe_open(str(f), framework="numpy")
-            except Exception as e:  # safetensors raises its own error types for corrupt headers
-                raise ConversionError(f"{f.name}: not a readable safetensors file ({e})") from e
-            with handle:
-                for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
-                    yield name, (lambda h=handle, n=name: h.get_tensor(n))
+            yield from _iter_safetensors(f)
         return
     bins = sorted(path.glob("pytorch_model*.bin"))
     if not bins:

@@ -66,6 +66,14 @@ class Decoder:
         """Per-row counters carried in the state (a pytree); AR keeps none."""
         return None
 
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """The empty cache ``prefill`` fills (``sharding.MeshDecoder`` builds it sharded)."""
+        return KVCache.create(self.cfg, batch, max_len)
+
+    def prefill_cache(self, params: Params, tokens: Array, cache: KVCache, lengths: Array) -> KVCache:
+        """Write prompt ``tokens`` (B, T) into ``cache``; row lengths become ``lengths``."""
+        return _prefill(params, self.cfg, tokens, cache, lengths)
+
     def append(self, state: State, new: Array, keep: Array) -> State:
         """Append tokens ``new`` (B, K) where ``keep`` (B, K) to ``state.out``, cutting at EOS and budget."""
         B, K = new.shape
@@ -129,13 +137,13 @@ def prefill(params: Params, decoder: Decoder, prompts: list[list[int]], max_new:
                          f"of {cfg.max_seq_len}")
     B = len(prompts)
     max_len = min(cache_len(longest, max(budgets), extra), cfg.max_seq_len + extra)
-    cache = KVCache.create(cfg, B, max_len)
+    cache = decoder.new_cache(B, max_len)
     if longest > 1:
         T = min(bucket(longest - 1), max_len)
         toks = np.zeros((B, T), np.int32)
         for b, p in enumerate(prompts):
             toks[b, : len(p) - 1] = p[:-1]
-        cache = _prefill(params, cfg, jnp.asarray(toks), cache, jnp.asarray([len(p) - 1 for p in prompts], jnp.int32))
+        cache = decoder.prefill_cache(params, toks, cache, np.asarray([len(p) - 1 for p in prompts], np.int32))
     history = None
     if decoder.needs_history:
         hist = np.zeros((B, max_len), np.int32)

@@ -171,7 +171,7 @@ def attend(q: Array, k_cache: Array, v_cache: Array, positions: Array) -> Array:
     mask = key_pos[None, None, :] <= positions[:, :, None]  # (B, T, S)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v_cache)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v_cache, preferred_element_type=jnp.float32)
 
 
 def attention(layer: Layer, x: Array, k_cache: Array, v_cache: Array, positions: Array, start: Array,
@@ -184,14 +184,17 @@ def attention(layer: Layer, x: Array, k_cache: Array, v_cache: Array, positions:
     v = jnp.einsum("btd,dhk->bthk", x, layer.wv)
     k_cache = _write(k_cache, k.astype(k_cache.dtype), start)
     v_cache = _write(v_cache, v.astype(v_cache.dtype), start)
-    out = attend(q.reshape(B, T, kv, g, hd), k_cache, v_cache, positions)
-    return jnp.einsum("bthk,hkd->btd", out.reshape(B, T, cfg.n_heads, hd), layer.wo), k_cache, v_cache
+    out = attend(q.reshape(B, T, kv, g, hd), k_cache, v_cache, positions).reshape(B, T, cfg.n_heads, hd)
+    return jnp.einsum("bthk,hkd->btd", out.astype(layer.wo.dtype), layer.wo, preferred_element_type=jnp.float32), \
+        k_cache, v_cache
 
 
 def mlp(layer: Layer, x: Array) -> Array:
-    gate = jnp.einsum("btd,df->btf", x, layer.w_gate)
-    up = jnp.einsum("btd,df->btf", x, layer.w_up)
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer.w_down)
+    """SwiGLU MLP of weight-dtype input ``x``; float32 output (for the float32 residual stream)."""
+    gate = jnp.einsum("btd,df->btf", x, layer.w_gate, preferred_element_type=jnp.float32)
+    up = jnp.einsum("btd,df->btf", x, layer.w_up, preferred_element_type=jnp.float32)
+    act = (jax.nn.silu(gate) * up).astype(layer.w_down.dtype)
+    return jnp.einsum("btf,fd->btd", act, layer.w_down, preferred_element_type=jnp.float32)
 
 
 def hidden(params: Params, cfg: Config, tokens: Array, cache: KVCache,
@@ -199,20 +202,25 @@ def hidden(params: Params, cfg: Config, tokens: Array, cache: KVCache,
     """Final-norm hidden states of a (B, T) chunk appended at each row's ``cache.lengths``.
 
     ``skip`` (static) removes sublayers from the computation.
+
+    The residual stream is float32 whatever the weights' dtype: matmuls read weight-dtype inputs and accumulate and
+    return float32, so a sublayer's output is rounded once, not per token-chunk shape. In bfloat16 this keeps the
+    T-token verify pass within float32 noise of T one-token AR steps (greedy SSD == AR but at float32 near-ties).
     """
+    dt = params.embed.dtype
     start = cache.lengths
     positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-    x = params.embed[tokens]
+    x = params.embed[tokens].astype(jnp.float32)
     ks, vs = list(cache.k), list(cache.v)
     for i, layer in enumerate(params.layers):
         if i not in skip.attn:
-            h, ks[i], vs[i] = attention(layer, rms_norm(x, layer.attn_norm, cfg.norm_eps), ks[i], vs[i],
+            h, ks[i], vs[i] = attention(layer, rms_norm(x, layer.attn_norm, cfg.norm_eps).astype(dt), ks[i], vs[i],
                                         positions, start, cfg)
             x = x + h
         if i not in skip.mlp:
-            h = mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps))
+            h = mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps).astype(dt))
             x = x + h
-    x = rms_norm(x, params.norm, cfg.norm_eps)
+    x = rms_norm(x, params.norm, cfg.norm_eps).astype(dt)
     return x, KVCache(k=tuple(ks), v=tuple(vs), lengths=start + tokens.shape[1])
 
 

@@ -9,6 +9,7 @@ these shardings and ``MeshDecoder`` pins the decode loop's state to them, so XLA
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxspec.config import Config
 from jaxspec.decode import Decoder, State
-from jaxspec.model import AXES, KVCache, Params, param_shapes, params_from_flat
+from jaxspec.model import AXES, KVCache, Params, hidden, param_shapes, params_from_flat
 from jaxspec.validate import parse_mesh
 
 Array = jax.Array
@@ -155,6 +156,17 @@ class MeshDecoder(Decoder):
     def init_stats(self, batch: int, max_new: int, **init: float) -> Any:
         return self.inner.init_stats(batch, max_new, **init)
 
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """The empty cache, created already sharded like decode's (each device allocates only its part)."""
+        return _cache_fns(self.cfg, batch, max_len, self.mesh)[0]()
+
+    def prefill_cache(self, params: Params, tokens: Array, cache: KVCache, lengths: Array) -> KVCache:
+        """Prefill with the prompt rows split over ``data`` and the cache kept in ``cache_shardings``."""
+        mesh = self.mesh
+        tokens, lengths = place((tokens, lengths), (named(mesh, ("batch", "seq"), tokens.shape),
+                                                    named(mesh, ("batch",), lengths.shape)))
+        return _cache_fns(self.cfg, *cache.k[0].shape[:2], mesh)[1](params, tokens, cache, lengths)
+
     def pin(self, state: State) -> State:
         return jax.lax.with_sharding_constraint(state, state_shardings(state, self.mesh))
 
@@ -167,6 +179,18 @@ class MeshDecoder(Decoder):
         return Decoder.run(self, params, place(state, state_shardings(state, self.mesh)), max_steps)
 
 
+@functools.cache
+def _cache_fns(cfg: Config, batch: int, max_len: int, mesh: Mesh) -> tuple[Callable, Callable]:
+    """Jitted (create, prefill) of a ``(batch, max_len)`` cache whose outputs have ``cache_shardings``."""
+    sh = cache_shardings(jax.eval_shape(lambda: KVCache.create(cfg, batch, max_len)), mesh)
+
+    def fill(params: Params, tokens: Array, cache: KVCache, lengths: Array) -> KVCache:
+        return hidden(params, cfg, tokens, cache)[1].replace(lengths=lengths)
+
+    return (jax.jit(lambda: KVCache.create(cfg, batch, max_len), out_shardings=sh),
+            jax.jit(fill, out_shardings=sh, donate_argnums=2))
+
+
 def place(tree: Any, shardings: Any) -> Any:
     """``jax.device_put(tree, shardings)``, also across processes: leaves that live on one process's devices
     (e.g. what ``decode.prefill`` builds with ``jnp``) must hold the same value on every process and are
@@ -177,8 +201,16 @@ def place(tree: Any, shardings: Any) -> Any:
     shs = treedef.flatten_up_to(shardings)
     local = [i for i, x in enumerate(leaves) if getattr(x, "is_fully_addressable", True)]  # numpy too
     rest = [i for i in range(len(leaves)) if i not in set(local)]
-    if local:
-        moved = jax.jit(lambda *xs: xs, out_shardings=tuple(shs[i] for i in local))(*(leaves[i] for i in local))
+    if local:  # as host values: a committed single-device argument would pin the jit to that device
+        keys = {i: jax.random.key_impl(leaves[i]) for i in local
+                if jax.dtypes.issubdtype(leaves[i].dtype, jax.dtypes.prng_key)}
+        host = [np.asarray(jax.random.key_data(leaves[i]) if i in keys else leaves[i]) for i in local]
+
+        def ident(*xs: Array) -> tuple[Array, ...]:
+            return tuple(jax.random.wrap_key_data(x, impl=keys[i]) if i in keys else x
+                         for i, x in zip(local, xs, strict=True))
+
+        moved = jax.jit(ident, out_shardings=tuple(shs[i] for i in local))(*host)
         for i, x in zip(local, moved, strict=True):
             leaves[i] = x
     if rest:

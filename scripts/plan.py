@@ -2,6 +2,7 @@
 and report per-device memory (weights, KV cache, XLA temporaries) against a device's memory.
 
     python scripts/plan.py --ckpt llama2-70b --mesh 1x8 --batch 8 --max-len 4096 --dtype bfloat16
+    python scripts/plan.py --ckpt llama2-70b --mesh 1x1 --weights int8 --device-mem-gb 141   # one H200
 
 The config comes from the converted checkpoint when there is one, else from ``config.PRESETS``; the draft skips the
 sublayers of the checkpoint's skip profile or a published mask (``profile.PUBLISHED_MASKS``, e.g. ``llama-2-70b``).
@@ -37,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--skip-attn", help="comma-separated attention sublayers the draft skips (instead of a profile)")
     ap.add_argument("--skip-mlp", help="comma-separated MLP sublayers the draft skips (instead of a profile)")
     ap.add_argument("--max-draft", type=int, default=12, help="drafts per cycle: verify feeds max_draft + 1 tokens")
+    ap.add_argument("--weights", choices=["native", "int8"], default="native",
+                    help="int8: weight-only int8 matrices with one bfloat16 scale per output channel (memory plan "
+                         "only: the compiled steps and activations stay in --dtype)")
     ap.add_argument("--json", action="store_true", help="also print the plan as one JSON line")
     return ap.parse_args(argv)
 
@@ -81,6 +85,27 @@ def config_and_mask(args: argparse.Namespace):  # noqa: ANN201 - (Config, SkipMa
         skip_profile = guess if guess in PUBLISHED_MASKS else ckpt
     prof = load_profile(skip_profile, cfg)
     return cfg, prof.mask, source, skip_profile
+
+
+def int8_weight_bytes(cfg, mesh) -> int:  # noqa: ANN001 - (Config, Mesh)
+    """Per-device bytes of weight-only int8: every matrix 1 byte per element plus one bfloat16 scale per output
+    channel (embedding: per row), norms in bfloat16."""
+    from jaxspec import sharding as S
+    from jaxspec.model import param_shapes
+
+    total, fn = 0, S.param_sharding_fn(mesh)
+    for name, shape in param_shapes(cfg).items():
+        shard = fn(name, shape).shard_shape(shape)
+        if len(shape) == 1:
+            total += 2 * shard[0]
+            continue
+        n = 1
+        for d in shard:
+            n *= d
+        kind = name.rsplit(".", 1)[-1]
+        channels = shard[0] if kind == "embed" else (shard[1] * shard[2] if kind in ("wq", "wk", "wv") else shard[-1])
+        total += n + 2 * channels
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         return S.bytes_per_device(params), S.bytes_per_device(cache), out
 
     weights, kv_bytes, steps = compile_steps(args.dtype)
+    if args.weights == "int8":
+        weights = int8_weight_bytes(cfg, mesh)
     # XLA:CPU computes bfloat16/float16 dots by upcasting their operands, so its temporaries hold float32 copies of
     # the weights and cache that GPUs and TPUs never make. Temporaries of the same steps in float32 (activations
     # twice as large, no copies) bound the device's from above; the literal XLA:CPU figure is reported too.
@@ -138,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     kv_spec = S.logical_spec(("batch", "seq", "kv_heads", "head_dim"), (B, seq, cfg.n_kv_heads, cfg.head_dim), mesh)
     report: dict = {
         "ckpt": args.ckpt, "config": source, "mesh": args.mesh, "devices": data * model, "batch": B,
-        "max_len": args.max_len, "cache_len": seq, "dtype": args.dtype, "skip_profile": prof_name,
+        "max_len": args.max_len, "cache_len": seq, "dtype": args.dtype, "weights": args.weights,
+        "skip_profile": prof_name,
         "draft_skips": {"attn": len(mask.attn), "mlp": len(mask.mlp), "layers": cfg.n_layers},
         "kv_heads_sharded": kv_spec[2] is not None,
         "per_device": {"weights": weights, "kv_cache": kv_bytes, "temp": temp, "total": total,
@@ -146,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
                        "fits": total <= limit},
         "steps": steps, "steps_float32": f32,
     }
+    # Headroom: KV cache and temporaries grow with the batch (upper bound: proportionally) and the cache with length.
+    per_row = (kv_bytes + temp) / B
+    max_batch = int((limit - weights) // per_row) if limit > weights else 0
+    per_pos = kv_bytes / seq
+    max_ctx = min(int((limit - weights - temp) // per_pos) - extra if limit > weights + temp else 0, cfg.max_seq_len)
+    report["headroom"] = {"max_batch_at_max_len": max_batch, "max_len_at_batch": max(max_ctx, 0)}
 
     print(f"plan: {args.ckpt} ({source}): {cfg.n_layers} layers, {cfg.n_heads} heads / {cfg.n_kv_heads} KV heads, "
           f"vocab {cfg.vocab_size}, {args.dtype}")
@@ -154,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"draft step: 1 token, skip profile {prof_name} ({len(mask.attn)} attention + {len(mask.mlp)} MLP "
           f"sublayers of {cfg.n_layers} skipped); verify step: {K + 1} tokens, full model")
     print("per device:")
-    print(f"  weights         {gb(weights)}")
+    print(f"  weights         {gb(weights)}" + ("   (int8 weight-only + bfloat16 per-channel scales)"
+                                               if args.weights == "int8" else ""))
     print(f"  KV cache        {gb(kv_bytes)}")
     for name in steps:
         print(f"  {name:<6} temp     {gb(f32[name]['temp'])}   (XLA:CPU in {args.dtype}: {gb(steps[name]['temp'])}; "
@@ -165,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  (temporaries: the float32 compile's, an upper bound on a GPU/TPU; XLA:CPU's own {args.dtype} "
               f"figure includes float32 copies of the weights and cache: total {gb(cpu_total)}, "
               f"{'fits too' if cpu_total <= limit else 'over the limit through those copies'})")
+    print(f"  headroom: batch up to {max_batch} at max-len {args.max_len}; max-len up to {max(max_ctx, 0)} at batch {B}"
+          f" (the model's context is {cfg.max_seq_len})")
     verdict = "FITS" if total <= limit else "DOES NOT FIT"
     print(f"{verdict} in {args.device_mem_gb:g} GB per device ({100 * total / limit:.1f}% used)")
     if args.json:

@@ -270,6 +270,13 @@ def test_two_processes_one_mesh(tmp_path):
     for pid in range(2):
         assert json.loads((tmp_path / f"mp{pid}.json").read_text()) == want
     assert batch_results(tmp_path / "out_mp.jsonl") == batch_results(tmp_path / "out_one.jsonl")
+    import jax
+
+    from jaxspec.checkpoint import load_checkpoint  # both processes wrote their shards of one checkpoint
+
+    _, back, _ = load_checkpoint(tmp_path / "mp_ckpt", "float32")
+    assert all(np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True))
 
 
 def multiprocess_child(workdir: Path) -> None:
@@ -288,6 +295,9 @@ def multiprocess_child(workdir: Path) -> None:
     res = generate(S.MeshDecoder.wrap(decoders(cfg)[0], mesh), params, PROMPTS, BUDGETS)
     (workdir / f"mp{index}.json").write_text(json.dumps(res.tokens))
     run_batch(params, cfg, workdir, workdir / "out_mp.jsonl", mesh)
+    from jaxspec.checkpoint import save_params
+
+    save_params(workdir / "mp_ckpt", cfg, params)  # each process writes its own shards; process 0 the metadata
 if __name__ == "__main__":
     if sys.argv[1] == "--multiprocess":
         multiprocess_child(Path(sys.argv[2]))
