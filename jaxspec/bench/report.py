@@ -67,14 +67,16 @@ def markdown(res: dict[str, Any], plot_dir: str | None = None) -> str:
     if peers:
         lines += ["", "Peers (same GGUF weights and prompts, run after the jaxspec modes; × AR against jaxspec AR on "
                   "the same prompts; HF dequantizes to float32, llama.cpp decodes its 4-bit weights):", "",
-                  "| peer | task | prompts | tokens/s | × jaxspec AR | identical to AR |", "|---|---|---|---|---|---|"]
+                  "| peer | task | prompts | tokens/s | × jaxspec AR | % roof | identical to AR |",
+                  "|---|---|---|---|---|---|---|"]
         done = {r["mode"] for r in peers.get("rows", [])}
         for r in peers.get("rows", []):
             lines.append(f"| {r['mode']} | {r['task']} | {r['prompts']} | {r['tokens_per_s']:.1f} | "
-                         f"{r['speedup']:.2f} | {r['identical']}/{r['prompts']} |")
+                         f"{r['speedup']:.2f} | {100 * r['tokens_per_s'] / limit:.0f}% | "
+                         f"{r['identical']}/{r['prompts']} |")
         for name, status in peers.get("status", {}).items():
             if name != "versions" and name not in done:
-                lines.append(f"| {name} | — | — | {status} | — | — |")
+                lines.append(f"| {name} | — | — | {status} | — | — | — |")
     if plot_dir is not None:
         lines += ["", " ".join(f"![{p[:-4]}]({plot_dir}/{p})" for p in PLOTS)]
     return "\n".join(lines) + "\n"
