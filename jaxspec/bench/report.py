@@ -63,6 +63,17 @@ def markdown(res: dict[str, Any], plot_dir: str | None = None) -> str:
     fails = res.get("lossless_failures", [])
     lines += ["", f"Greedy lossless check: {'**FAILED**: ' + '; '.join(fails) if fails else 'passed'} (every mode's "
               "outputs token-for-token equal to AR's and its quality metric equal)."]
+    smp = res.get("sampled")
+    if smp:
+        lines += ["", f"HumanEval sampled ({smp['samples']} samples per problem, temperature "
+                  f"{smp['sampling']['temperature']}, top-p {smp['sampling']['top_p']}; speculative sampling keeps "
+                  "the distribution, so quality differs from AR only by chance):", "",
+                  "| mode | tokens/s | × AR | % roof | acceptance | accepted/verify | quality |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in smp["rows"]:
+            lines.append(f"| {r['mode']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f} | "
+                         f"{100 * r['tokens_per_s'] / limit:.0f}% | {_opt(r, 'acceptance', '.2f')} | "
+                         f"{_opt(r, 'mean_accepted', '.2f')} | {_quality(r['quality'])} |")
     peers = res.get("peers", {})
     if peers:
         lines += ["", "Peers (same GGUF weights and prompts, run after the jaxspec modes; × AR against jaxspec AR on "

@@ -30,7 +30,7 @@ def counters(r: Result) -> dict[str, Any]:
 
 
 def measure(modes: dict[str, Mode], params: Params, prompts: list[tuple[str, str, list[int]]], max_new: int,
-            desc: str = "decode") -> list[dict[str, Any]]:
+            desc: str = "decode", seed: int = 0) -> list[dict[str, Any]]:
     """Run every mode on every ``(task, id, token ids)`` prompt, interleaved; one raw record per (prompt, mode)."""
     names = list(modes)
     records = []
@@ -38,8 +38,8 @@ def measure(modes: dict[str, Mode], params: Params, prompts: list[tuple[str, str
         for i, (task, pid, ids) in enumerate(prompts):
             for name in names[i % len(names):] + names[: i % len(names)]:
                 m = modes[name]
-                r = generate(m.decoder, params, [ids], max_new, **m.init)
-                records.append({"task": task, "id": pid, "mode": name, "prompt_tokens": len(ids),
+                r = generate(m.decoder, params, [ids], max_new, seed=seed, **m.init)
+                records.append({"task": task, "id": pid, "mode": name, "seed": seed, "prompt_tokens": len(ids),
                                 "tokens": r.tokens[0], "new_tokens": r.new_tokens, "decode_s": round(r.decode_s, 5),
                                 "prefill_s": round(r.prefill_s, 5), "compile_s": round(r.compile_s, 3),
                                 **counters(r)})

