@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                             tuple(tok.eos_ids) or cfg.eos_ids, prof)
     peer_limit = 0 if args.no_peers else min(args.peer_limit, args.limit)
     gguf = smollm2_gguf_path() if peer_limit and args.ckpt == "smollm2-135m" else None
-    command = "python scripts/benchmark.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    shown = [a if a != args.hf_python else "PYTHON_WITH_TORCH" for a in (argv if argv is not None else sys.argv[1:])]
+    command = "python scripts/benchmark.py " + shlex.join(shown)  # no machine paths in the committed report
     res = suite.benchmark(args.ckpt, cfg, params, tok, modes, task_names, dict.fromkeys(task_names, args.limit),
                           args.max_new_tokens, peer_limit, gguf, args.hf_python, command.strip(), args.samples)
     write_reports(res, out, args.update)
