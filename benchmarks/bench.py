@@ -28,16 +28,8 @@ from jaxspec.checkpoint import load  # noqa: E402
 from jaxspec.config import Config, SkipMask  # noqa: E402
 from jaxspec.decode import Decoder, Result, generate  # noqa: E402
 from jaxspec.model import KVCache, Params, forward  # noqa: E402
+from jaxspec.profile import named_masks  # noqa: E402
 from jaxspec.speculative import SpecDecoder  # noqa: E402
-
-
-def named_masks(n: int) -> dict[str, SkipMask]:
-    mid = range(n // 5, n - n // 10)
-    return {
-        "light": SkipMask(attn=tuple(i for i in mid if i % 2 == 0)),
-        "attn-half": SkipMask(attn=tuple(mid)),
-        "attn-mlp": SkipMask(attn=tuple(mid), mlp=tuple(i for i in mid if i % 3 == 0)),
-    }
 
 
 def timed(fn, repeats: int) -> float:  # noqa: ANN001

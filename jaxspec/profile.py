@@ -42,6 +42,17 @@ PUBLISHED_MASKS: dict[str, tuple[int, SkipMask]] = {
 }
 
 
+def named_masks(n_layers: int) -> dict[str, SkipMask]:
+    """Hand-made masks for any depth: ``light`` (every other middle attention sublayer), ``attn-half`` (every middle
+    attention sublayer), ``attn-mlp`` (those plus every third middle MLP sublayer)."""
+    mid = range(n_layers // 5, n_layers - n_layers // 10)
+    return {
+        "light": SkipMask(attn=tuple(i for i in mid if i % 2 == 0)),
+        "attn-half": SkipMask(attn=tuple(mid)),
+        "attn-mlp": SkipMask(attn=tuple(mid), mlp=tuple(i for i in mid if i % 3 == 0)),
+    }
+
+
 def model_id(cfg: Config) -> str:
     """A short hash of the architecture and every parameter's shape (not dtype or context length)."""
     arch = {k: v for k, v in cfg.to_json().items() if k not in ("dtype", "max_seq_len")}

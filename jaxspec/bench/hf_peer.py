@@ -1,0 +1,56 @@
+"""HF transformers peer, run as a script by any Python with torch + transformers + gguf (no jaxspec import).
+
+Reads one JSON object on stdin: ``gguf`` (path), ``prompts`` (token id lists), ``max_new``, ``threads``,
+``early_exit`` (layer for ``assistant_early_exit``). Prints one JSON object: per mode (``hf``, ``hf-prompt-lookup``,
+``hf-early-exit``) a list of {tokens, decode_s} per prompt, or {"error": ...}. Greedy, torch CPU float32 (the GGUF is
+dequantized), eager attention. ``decode_s`` is the time of the full generation minus that of a 1-token generation
+(the prefill), so it compares with jaxspec's ``decode_s``; its tokens exclude the first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def main() -> None:
+    job = json.load(sys.stdin)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.utils.logging.set_verbosity_error()
+    torch.set_num_threads(int(job.get("threads", 2)))
+    gdir, gname = os.path.split(os.path.abspath(job["gguf"]))
+    model = AutoModelForCausalLM.from_pretrained(gdir, gguf_file=gname, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    modes = {"hf": {}, "hf-prompt-lookup": {"prompt_lookup_num_tokens": 10},
+             "hf-early-exit": {"assistant_early_exit": int(job["early_exit"])}}
+    out: dict = {"versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+
+    def gen(ids: list[int], n: int, kw: dict) -> tuple[list[int], float]:
+        x = torch.tensor([ids])
+        t = time.perf_counter()
+        with torch.inference_mode():
+            y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n, **kw)
+        return y[0, len(ids):].tolist(), time.perf_counter() - t
+
+    for name, kw in modes.items():
+        try:
+            gen(job["prompts"][0], 4, kw)  # warm-up
+            rows = []
+            for ids in job["prompts"]:
+                _, t1 = gen(ids, 1, {})
+                toks, tn = gen(ids, int(job["max_new"]), kw)
+                rows.append({"tokens": toks, "decode_s": max(tn - t1, 1e-9)})
+            out[name] = rows
+        except Exception as e:  # a mode this transformers version lacks: report it, run the others
+            out[name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:200]}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Peers on the same GGUF weights and prompts: HF transformers (torch CPU float32: plain greedy, prompt lookup,
+``assistant_early_exit`` layer skipping) and llama.cpp (``llama-cpp-python``: plain greedy, prompt lookup).
+
+Both are optional: a peer that is not installed gives rows with ``status: "not installed"`` and the benchmark goes
+on. HF runs in a subprocess (``hf_peer.py``) under any Python that has it (``--hf-python``), so torch need not share
+the benchmark's environment. Records have the shape of ``run.measure``'s, so ``run.summarize`` rates them against
+jaxspec AR on the same prompts. Peers run after the jaxspec modes, not interleaved with them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+HF_MODES = ("hf", "hf-prompt-lookup", "hf-early-exit")
+LLAMA_MODES = ("llama.cpp", "llama.cpp-prompt-lookup")
+Prompts = list[tuple[str, str, list[int]]]
+
+
+def _records(name: str, prompts: Prompts, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Peer outputs as run records (the first token, generated with the prefill, is not counted)."""
+    return [{"task": task, "id": pid, "mode": name, "prompt_tokens": len(ids), "tokens": row["tokens"],
+             "new_tokens": max(len(row["tokens"]) - 1, 0), "decode_s": round(row["decode_s"], 5)}
+            for (task, pid, ids), row in zip(prompts, rows, strict=True)]
+
+
+def hf(python: str | None, gguf: Path, prompts: Prompts, max_new: int, early_exit: int, threads: int = 2
+       ) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """Run the HF peer; (status per mode, records)."""
+    exe = python or sys.executable
+    probe = subprocess.run([exe, "-c", "import torch, transformers, gguf"], capture_output=True)
+    if probe.returncode:
+        return dict.fromkeys(HF_MODES, "not installed"), []
+    job = {"gguf": str(gguf), "prompts": [p[2] for p in prompts], "max_new": max_new, "threads": threads,
+           "early_exit": early_exit}
+    print(f"peers: HF transformers on {len(prompts)} prompts x {len(HF_MODES)} modes ...", file=sys.stderr)
+    proc = subprocess.run([exe, str(Path(__file__).with_name("hf_peer.py"))], input=json.dumps(job),
+                          capture_output=True, text=True)
+    if proc.returncode:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return dict.fromkeys(HF_MODES, f"failed: {tail}"), []
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    status, records = {"versions": out.get("versions", {})}, []
+    for name in HF_MODES:
+        if isinstance(out.get(name), list):
+            status[name] = "ok"
+            records += _records(name, prompts, out[name])
+        else:
+            status[name] = f"failed: {out.get(name, {}).get('error', 'missing')}"
+    return status, records
+
+
+def llama_cpp(gguf: Path, prompts: Prompts, max_new: int, threads: int = 2
+              ) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """Run llama.cpp in process (its own GGUF quantization, not float32); (status per mode, records)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return dict.fromkeys(LLAMA_MODES, "not installed"), []
+    import llama_cpp
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    status: dict[str, Any] = {"versions": {"llama_cpp": llama_cpp.__version__}}
+    records = []
+    for name, draft in (("llama.cpp", None), ("llama.cpp-prompt-lookup", LlamaPromptLookupDecoding(10))):
+        llm = llama_cpp.Llama(str(gguf), n_ctx=4096, n_threads=threads, draft_model=draft, verbose=False)
+
+        def gen(ids: list[int], n: int, llm: Any = llm) -> tuple[list[int], float]:
+            llm.reset()
+            t, toks = time.perf_counter(), []
+            for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+                toks.append(int(tok))
+                if tok == llm.token_eos() or len(toks) == n:
+                    break
+            return toks, time.perf_counter() - t
+
+        rows = []
+        for _, _, ids in tqdm(prompts, desc=name, unit="prompt"):
+            _, t1 = gen(ids, 1)
+            toks, tn = gen(ids, max_new)
+            rows.append({"tokens": toks, "decode_s": max(tn - t1, 1e-9)})
+        status[name] = "ok"
+        records += _records(name, prompts, rows)
+    return status, records
