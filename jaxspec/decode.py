@@ -23,7 +23,8 @@ from jaxspec.sampling import Sampling, sample
 
 Array = jax.Array
 
-PREFILL_BUCKETS = (16, 64, 256, 1024, 4096, 16384)  # prefill chunk lengths: one compilation each at most
+PREFILL_BUCKETS = (16, 64, 256, 1024)  # prefill chunk lengths: one compilation each; longer prompts go in 1024s
+MIN_WINDOW = 256  # smallest cache capacity; it doubles as the sequence grows (attention reads the whole capacity)
 
 
 @struct.dataclass
@@ -45,6 +46,31 @@ def bucket(n: int, buckets: tuple[int, ...] = PREFILL_BUCKETS) -> int:
 def cache_len(prompt_len: int, max_new: int, extra: int = 0) -> int:
     """Cache capacity for a request: rounded up to a multiple of 256 to bound recompilation."""
     return -(-(prompt_len + max_new + extra) // 256) * 256
+
+
+def window_len(need: int, full: int, smallest: int = MIN_WINDOW) -> int:
+    """Cache capacity for ``need`` slots: ``smallest`` doubled until it holds them, at most ``full`` (``smallest``
+    0: ``full`` at once). Attention reads the whole capacity, so decode works on a cache at most twice the live
+    length instead of one sized for the whole request, at one compilation per doubling."""
+    if smallest <= 0:
+        return full
+    w = smallest
+    while w < need:
+        w *= 2
+    return max(min(w, full), need)
+
+
+@functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
+def _pad(cache: KVCache, capacity: int) -> KVCache:
+    def pad(a: Array) -> Array:
+        return jnp.pad(a, ((0, 0), (0, capacity - a.shape[1]), (0, 0), (0, 0)))
+
+    return cache.replace(k=tuple(map(pad, cache.k)), v=tuple(map(pad, cache.v)))
+
+
+def grow(cache: KVCache, need: int, full: int, smallest: int = MIN_WINDOW) -> KVCache:
+    """``cache`` with room for ``need`` slots (copied into a larger window, donating the old one, if it lacks it)."""
+    return cache if need <= cache.max_len else _pad(cache, window_len(need, full, smallest))
 
 
 @dataclass(frozen=True)
@@ -91,8 +117,9 @@ class Decoder:
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
     def run(self, params: Params, state: State, max_steps: Array) -> State:
         """Run up to ``max_steps`` steps (or until every row is done) on device."""
-        def cond(c: tuple[State, Array]) -> Array:
-            return (c[1] < max_steps) & ~jnp.all(c[0].done)
+        def cond(c: tuple[State, Array]) -> Array:  # stop too when a step could write past the cache's window
+            room = jnp.max(c[0].cache.lengths) + self.extra + 1 <= c[0].cache.max_len
+            return (c[1] < max_steps) & ~jnp.all(c[0].done) & room
 
         def body(c: tuple[State, Array]) -> tuple[State, Array]:
             return self.step(params, c[0]), c[1] + 1
@@ -106,12 +133,25 @@ def _prefill(params: Params, cfg: Config, tokens: Array, cache: KVCache, lengths
     return cache.replace(lengths=lengths)
 
 
+def append(params: Params, cfg: Config, cache: KVCache, tokens: np.ndarray, lengths: list[int]) -> KVCache:
+    """Write right-padded ``tokens`` (B, T) at ``cache.lengths`` in chunks of at most ``PREFILL_BUCKETS[-1]``, then
+    set the lengths to ``lengths`` (the padding past them is never attended: decoding overwrites it first)."""
+    chunk = PREFILL_BUCKETS[-1]
+    for i in range(0, tokens.shape[1], chunk):
+        part = jnp.asarray(tokens[:, i : i + chunk])
+        end = cache.lengths + part.shape[1] if i + chunk < tokens.shape[1] else jnp.asarray(lengths, jnp.int32)
+        cache = _prefill(params, cfg, part, cache, end)
+    return cache
+
+
 def prefill(params: Params, decoder: Decoder, prompts: list[list[int]], max_new: int | list[int], seed: int = 0,
-            **init: float) -> State:
+            window: int = 0, **init: float) -> State:
     """Write every prompt but its last token into a fresh cache and return the initial decode state.
 
     Prompts of different lengths are right-padded to one bucket length; per-row lengths mask the padding.
-    ``init`` goes to ``decoder.init_stats`` (e.g. the speculative threshold carried over from earlier requests).
+    ``window`` > 0 starts the cache at that capacity (doubled as needed) instead of the whole request's; then the
+    decode loop stops at the window's end and ``stream`` grows it. ``init`` goes to ``decoder.init_stats`` (e.g. the
+    speculative threshold carried over from earlier requests).
     """
     cfg, extra = decoder.cfg, decoder.extra
     if any(len(p) == 0 for p in prompts):
@@ -124,14 +164,14 @@ def prefill(params: Params, decoder: Decoder, prompts: list[list[int]], max_new:
         raise ValueError(f"prompt ({longest} tokens) + {max(budgets)} new tokens exceeds the model's context "
                          f"of {cfg.max_seq_len}")
     B = len(prompts)
-    max_len = min(cache_len(longest, max(budgets), extra), cfg.max_seq_len + extra)
-    cache = KVCache.create(cfg, B, max_len)
+    full = min(cache_len(longest, max(budgets), extra), cfg.max_seq_len + extra)
+    T = min(bucket(longest - 1), full)
+    cache = KVCache.create(cfg, B, window_len(max(T, longest + extra), full, window))
     if longest > 1:
-        T = min(bucket(longest - 1), max_len)
         toks = np.zeros((B, T), np.int32)
         for b, p in enumerate(prompts):
             toks[b, : len(p) - 1] = p[:-1]
-        cache = _prefill(params, cfg, jnp.asarray(toks), cache, jnp.asarray([len(p) - 1 for p in prompts], jnp.int32))
+        cache = append(params, cfg, cache, toks, [len(p) - 1 for p in prompts])
     state = State(
         cache=cache,
         last=jnp.asarray([p[-1] for p in prompts], jnp.int32),
@@ -165,9 +205,18 @@ class Result:
         return self.new_tokens / self.decode_s if self.decode_s > 0 else float("nan")
 
 
+def capacity_needed(decoder: Decoder, state: State) -> tuple[int, int]:
+    """(slots the next step needs, slots the rest of the request needs) for ``state``'s cache (host values)."""
+    lengths, rest = np.asarray(state.cache.lengths), np.asarray(state.budget - state.n_out)
+    full = min(cache_len(int((lengths + 1 + rest).max()), 0, decoder.extra), decoder.cfg.max_seq_len + decoder.extra)
+    return int(lengths.max()) + decoder.extra + 1, full
+
+
 def stream(decoder: Decoder, params: Params, state: State, steps_per_call: int = 8) -> Iterator[State]:
-    """Run ``decoder`` to completion, yielding the state every ``steps_per_call`` steps (for streaming)."""
+    """Run ``decoder`` to completion, yielding the state every ``steps_per_call`` steps (for streaming) or when
+    the cache's window fills (the cache then grows to the next window)."""
     while True:
+        state = state.replace(cache=grow(state.cache, *capacity_needed(decoder, state)))
         state = decoder.run(params, state, jnp.int32(steps_per_call))
         yield state
         if bool(jnp.all(state.done)):
@@ -176,10 +225,11 @@ def stream(decoder: Decoder, params: Params, state: State, steps_per_call: int =
 
 def generate(decoder: Decoder, params: Params, prompts: list[list[int]], max_new: int | list[int], seed: int = 0,
              on_update: Callable[[State], None] | None = None, steps_per_call: int = 1 << 30,
-             **init: float) -> Result:
-    """Prefill and decode a batch of prompts; return new tokens, timings and per-row stats."""
+             window: int = MIN_WINDOW, **init: float) -> Result:
+    """Prefill and decode a batch of prompts; return new tokens, timings and per-row stats. ``window``: see
+    ``prefill`` (0: one cache sized for the whole request)."""
     t0 = time.perf_counter()
-    state = prefill(params, decoder, prompts, max_new, seed, **init)
+    state = prefill(params, decoder, prompts, max_new, seed, window, **init)
     jax.block_until_ready(state)
     t1 = time.perf_counter()
     # Compile, and run one throwaway step on a copy: XLA:CPU finishes compiling loop-body kernels at their first

@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,6 +26,7 @@ from jaxspec.checkpoint import load  # noqa: E402
 from jaxspec.config import Config, SkipMask  # noqa: E402
 from jaxspec.decode import Decoder, Result, generate  # noqa: E402
 from jaxspec.model import KVCache, Params, forward  # noqa: E402
+from jaxspec.roofline import bandwidth_probe, bytes_per_token, median_s  # noqa: E402
 from jaxspec.speculative import SpecDecoder  # noqa: E402
 
 
@@ -38,25 +37,6 @@ def named_masks(n: int) -> dict[str, SkipMask]:
         "attn-half": SkipMask(attn=tuple(mid)),
         "attn-mlp": SkipMask(attn=tuple(mid), mlp=tuple(i for i in mid if i % 3 == 0)),
     }
-
-
-def timed(fn, repeats: int) -> float:  # noqa: ANN001
-    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
-def bandwidth_gbs(repeats: int = 20) -> float:
-    """XLA:CPU float32 matrix-vector bandwidth: a 64 MiB matrix read per product."""
-    w = jnp.ones((4096, 4096), jnp.float32)
-    x = jnp.ones((1, 4096), jnp.float32)
-    f = jax.jit(lambda w, x: x @ w)
-    return w.nbytes / timed(lambda: f(w, x), repeats) / 1e9
 
 
 def step_cost(params: Params, cfg: Config, T: int, skip: SkipMask, n: int = 16, repeats: int = 5) -> float:
@@ -70,7 +50,7 @@ def step_cost(params: Params, cfg: Config, T: int, skip: SkipMask, n: int = 16, 
         return jax.lax.fori_loop(0, n, body, (cache, jnp.float32(0)))[1]
 
     cache = KVCache.create(cfg, 1, 256).replace(lengths=jnp.asarray([128], jnp.int32))
-    return timed(lambda: loop(params, cache), repeats) / n
+    return median_s(lambda: loop(params, cache), repeats) / n
 
 
 def run(decoder: Decoder, params: Params, prompts: list[list[int]], max_new: int, repeats: int) -> list[Result]:
@@ -97,11 +77,13 @@ def main() -> None:
              tok.apply_chat_template([{"role": "user", "content": "Write a haiku about the sea."}])
              if tok.chat_template else "Once upon a time"]
     prompts = [tok.encode(t) for t in texts]
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    bw = bandwidth_gbs()
+    weight_bytes = bytes_per_token(cfg, context=len(prompts[0]) + args.max_new_tokens // 2)
+    probe = bandwidth_probe()
+    bw = probe["concurrent"]
     print(f"## {args.ckpt}: {jax.devices()[0].device_kind}, {os.cpu_count()} cores, {cfg.dtype}, "
           f"{args.max_new_tokens} new tokens, {len(prompts)} prompts x {args.repeats} repeats\n")
-    print(f"- weights read per token: {weight_bytes / 1e6:.0f} MB; matrix-vector bandwidth {bw:.1f} GB/s "
+    print(f"- bytes read per token: {weight_bytes / 1e6:.0f} MB; bandwidth {bw:.1f} GB/s ({probe['n_dots']} concurrent "
+          f"{probe['mib']} MiB matrix-vector products; one alone: {probe['single']:.1f} GB/s) "
           f"→ roofline {bw * 1e9 / weight_bytes:.1f} tokens/s")
     ar = run(Decoder(cfg), params, prompts, args.max_new_tokens, args.repeats)
     ar_tps = tps(ar)
