@@ -195,6 +195,7 @@ class Result:
     decode_s: float
     compile_s: float  # decode-loop compilation, excluded from decode_s
     stats: dict[str, list[int]]
+    ttft_s: float = float("nan")  # from the call to the first new token on the host (prefill and compile included)
 
     @property
     def new_tokens(self) -> int:
@@ -213,11 +214,14 @@ def capacity_needed(decoder: Decoder, state: State) -> tuple[int, int]:
 
 
 def stream(decoder: Decoder, params: Params, state: State, steps_per_call: int = 8) -> Iterator[State]:
-    """Run ``decoder`` to completion, yielding the state every ``steps_per_call`` steps (for streaming) or when
-    the cache's window fills (the cache then grows to the next window)."""
+    """Run ``decoder`` to completion, yielding the state after the first step (the first token, as soon as it
+    exists), then every ``steps_per_call`` steps (for streaming) or when the cache's window fills (the cache then
+    grows to the next window)."""
+    steps = 1
     while True:
         state = state.replace(cache=grow(state.cache, *capacity_needed(decoder, state)))
-        state = decoder.run(params, state, jnp.int32(steps_per_call))
+        state = decoder.run(params, state, jnp.int32(steps))
+        steps = steps_per_call
         yield state
         if bool(jnp.all(state.done)):
             return
@@ -237,22 +241,26 @@ def generate(decoder: Decoder, params: Params, prompts: list[list[int]], max_new
     jax.block_until_ready(decoder.run(params, jax.tree.map(jnp.copy, state), jnp.int32(1)))
     t_compile = time.perf_counter() - t1
     t1 += t_compile
-    final = state
+    final, t_first = state, None
     for final in stream(decoder, params, state, steps_per_call):
+        if t_first is None:
+            jax.block_until_ready(final.out)
+            t_first = time.perf_counter()
         if on_update is not None:
             on_update(final)
     out, n = np.asarray(final.out), np.asarray(final.n_out)
     t2 = time.perf_counter()
     return Result(tokens=[out[b, : n[b]].tolist() for b in range(len(prompts))],
                   prompt_tokens=[len(p) for p in prompts], prefill_s=t1 - t_compile - t0, decode_s=t2 - t1,
-                  compile_s=t_compile,
-                  stats={k: np.asarray(v).tolist() for k, v in final.stats.items()})
+                  compile_s=t_compile, stats={k: np.asarray(v).tolist() for k, v in final.stats.items()},
+                  ttft_s=(t_first or t2) - t0)
 
 
 def result_stats(r: Result) -> dict[str, float | int | str]:
     """Aggregate counters of a ``Result`` for printing and JSON (speculative counters when present)."""
     out: dict[str, float | int | str] = {"prompt_tokens": sum(r.prompt_tokens), "new_tokens": r.new_tokens,
-                                         "prefill_s": round(r.prefill_s, 4), "decode_s": round(r.decode_s, 4),
+                                         "prefill_s": round(r.prefill_s, 4), "compile_s": round(r.compile_s, 4),
+                                         "ttft_s": round(r.ttft_s, 4), "decode_s": round(r.decode_s, 4),
                                          "tokens_per_s": round(r.tokens_per_s, 2)}
     if "drafted" in r.stats:
         drafted, accepted, calls = (sum(r.stats[k]) for k in ("drafted", "accepted", "verify_calls"))
