@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.decode import MIN_WINDOW, Decoder, State, append, bucket, grow, prefill, stream
+from jaxspec.decode import MIN_WINDOW, Decoder, State, append, bucket, commit, grow, prefill, stream
 from jaxspec.model import Params
 from jaxspec.tokenizer import StreamDecoder
 
@@ -70,7 +70,7 @@ class ChatSession:
         self.fed = len(feed)
         cache = append(self.params, cfg, cache, toks, [keep + len(feed)])
         room = cfg.max_seq_len - len(self.ids) - len(new)
-        return jax.device_put(st.replace(
+        return commit(st.replace(
             cache=cache, last=jnp.asarray([new[-1]], jnp.int32), out=jnp.zeros_like(st.out),
             n_out=jnp.zeros_like(st.n_out), done=jnp.zeros_like(st.done),
             budget=jnp.asarray([min(self.max_new, room)], jnp.int32),

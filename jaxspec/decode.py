@@ -182,8 +182,12 @@ def prefill(params: Params, decoder: Decoder, prompts: list[list[int]], max_new:
         key=jax.random.key(seed),
         stats=decoder.init_stats(B, max(budgets), **init),
     )
-    # Commit every array to its device: jit keys its executable cache on committedness, and the loop's own outputs
-    # are committed, so uncommitted inputs would compile (and lazily JIT kernels) a second time.
+    return commit(state)
+
+
+def commit(state: State) -> State:
+    """Commit every array to its device: jit keys its executable cache on committedness, and the loop's own outputs
+    are committed, so uncommitted inputs would compile (and lazily JIT kernels) a second time."""
     return jax.tree.map(lambda x: jax.device_put(x, x.sharding), state)
 
 

@@ -65,6 +65,8 @@ def test_turns_append_to_the_cache_and_match_single_shot(params, dec):
         # Turn 2 on writes only the new tokens (plus the answer's last one or two, never written by the loop).
         if turn:
             assert prompt_new <= chat.last["fed_tokens"] <= prompt_new + 2
+            assert Decoder.run._cache_size() == compiled  # later turns reuse the compiled decode loop
+        compiled = Decoder.run._cache_size()
         assert len(answer) == 12 and chat.reprefills == 0
     chat.reset()
     assert chat.ids == [] and chat.cache_len == 0
