@@ -13,18 +13,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from jaxspec.checkpoint import load  # noqa: E402
 from jaxspec.config import Config, SkipMask  # noqa: E402
-from jaxspec.decode import Decoder, Result, generate  # noqa: E402
+from jaxspec.decode import MIN_WINDOW, Decoder, Result, generate, prefill  # noqa: E402
 from jaxspec.model import KVCache, Params, forward  # noqa: E402
 from jaxspec.roofline import bandwidth_probe, bytes_per_token, median_s  # noqa: E402
 from jaxspec.speculative import SpecDecoder  # noqa: E402
@@ -58,6 +61,32 @@ def run(decoder: Decoder, params: Params, prompts: list[list[int]], max_new: int
     return [generate(decoder, params, [p], max_new) for _ in range(repeats) for p in prompts]
 
 
+def contexts(params: Params, cfg: Config, gbs: float, ctxs: tuple[int, ...], capacity: int = 4352, n: int = 32,
+             rounds: int = 5) -> None:
+    """Decode steps at each context in a cache sized for ``capacity`` (window 0) vs one that grows with the live
+    length (the default), in interleaved rounds in one process (medians); and prefill of a 1k-token prompt."""
+    dec, rng = Decoder(cfg), np.random.default_rng(0)
+    states = {(c, w): prefill(params, dec, [rng.integers(100, cfg.vocab_size, c).tolist()], capacity - c - 256,
+                              window=w) for c in ctxs for w in (0, MIN_WINDOW)}
+    secs: dict[tuple[int, int], list[float]] = {k: [] for k in states}
+    for r in range(rounds + 1):
+        for k, s in states.items():
+            s = jax.block_until_ready(jax.tree.map(jnp.copy, s))
+            t = time.perf_counter()
+            jax.block_until_ready(dec.run(params, s, jnp.int32(n)))
+            if r:  # round 0 compiles
+                secs[k].append(time.perf_counter() - t)
+    print("\n| context | cache | capacity | ms/step | tokens/s | roofline tokens/s | % of roofline |")
+    print("|---|---|---|---|---|---|---|")
+    for (c, w), ts in secs.items():
+        t, roof = statistics.median(ts), gbs * 1e9 / bytes_per_token(cfg, c)
+        print(f"| {c} | {'whole request' if w == 0 else 'live window'} | {states[c, w].cache.max_len} | "
+              f"{t / n * 1e3:.2f} | {n / t:.1f} | {roof:.1f} | {n / t / roof:.0%} |")
+    prompt = rng.integers(100, cfg.vocab_size, 1001).tolist()
+    t = median_s(lambda: prefill(params, dec, [prompt], 16, window=MIN_WINDOW), rounds)
+    print(f"\n- prefill of a 1,000-token prompt: {t * 1e3:.0f} ms = **{1000 / t:.0f} tokens/s**")
+
+
 def tps(results: list[Result]) -> float:
     return sum(r.new_tokens for r in results) / sum(r.decode_s for r in results)
 
@@ -69,6 +98,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ssd", action="append", default=[], help="named mask (light, attn-half, attn-mlp) or a "
                     "profile JSON path; repeatable")
+    ap.add_argument("--contexts", default="", help="comma-separated contexts (e.g. 128,2000): decode steps in a "
+                    "4k cache vs a live-length window, and 1k-token prefill")
     ap.add_argument("--hf-python", help="python of a venv with torch+transformers: also run scripts/bench_hf.py")
     args = ap.parse_args()
 
@@ -85,6 +116,8 @@ def main() -> None:
     print(f"- bytes read per token: {weight_bytes / 1e6:.0f} MB; bandwidth {bw:.1f} GB/s ({probe['n_dots']} concurrent "
           f"{probe['mib']} MiB matrix-vector products; one alone: {probe['single']:.1f} GB/s) "
           f"→ roofline {bw * 1e9 / weight_bytes:.1f} tokens/s")
+    if args.contexts:
+        contexts(params, cfg, bw, tuple(int(c) for c in args.contexts.split(",")))
     ar = run(Decoder(cfg), params, prompts, args.max_new_tokens, args.repeats)
     ar_tps = tps(ar)
     print(f"- AR decode: **{ar_tps:.1f} tokens/s** ({ar_tps / (bw * 1e9 / weight_bytes):.0%} of roofline); "
