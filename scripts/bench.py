@@ -61,21 +61,26 @@ def run(decoder: Decoder, params: Params, prompts: list[list[int]], max_new: int
     return [generate(decoder, params, [p], max_new) for _ in range(repeats) for p in prompts]
 
 
-def contexts(params: Params, cfg: Config, gbs: float, ctxs: tuple[int, ...], capacity: int = 4352, n: int = 32,
+def contexts(params: Params, cfg: Config, ctxs: tuple[int, ...], capacity: int = 4352, n: int = 32,
              rounds: int = 5) -> None:
     """Decode steps at each context in a cache sized for ``capacity`` (window 0) vs one that grows with the live
-    length (the default), in interleaved rounds in one process (medians); and prefill of a 1k-token prompt."""
+    length (the default), and the bandwidth probe, in interleaved rounds in one process (medians); and prefill of a
+    1k-token prompt."""
     dec, rng = Decoder(cfg), np.random.default_rng(0)
     states = {(c, w): prefill(params, dec, [rng.integers(100, cfg.vocab_size, c).tolist()], capacity - c - 256,
                               window=w) for c in ctxs for w in (0, MIN_WINDOW)}
     secs: dict[tuple[int, int], list[float]] = {k: [] for k in states}
+    probes = []
     for r in range(rounds + 1):
+        probes.append(bandwidth_probe(repeats=3)["concurrent"])
         for k, s in states.items():
             s = jax.block_until_ready(jax.tree.map(jnp.copy, s))
             t = time.perf_counter()
             jax.block_until_ready(dec.run(params, s, jnp.int32(n)))
             if r:  # round 0 compiles
                 secs[k].append(time.perf_counter() - t)
+    gbs = statistics.median(probes)
+    print(f"\n- bandwidth probe in the same rounds: {gbs:.1f} GB/s (per round {[round(p, 1) for p in probes]})")
     print("\n| context | cache | capacity | ms/step | tokens/s | roofline tokens/s | % of roofline |")
     print("|---|---|---|---|---|---|---|")
     for (c, w), ts in secs.items():
@@ -117,7 +122,7 @@ def main() -> None:
           f"{probe['mib']} MiB matrix-vector products; one alone: {probe['single']:.1f} GB/s) "
           f"→ roofline {bw * 1e9 / weight_bytes:.1f} tokens/s")
     if args.contexts:
-        contexts(params, cfg, bw, tuple(int(c) for c in args.contexts.split(",")))
+        contexts(params, cfg, tuple(int(c) for c in args.contexts.split(",")))
     ar = run(Decoder(cfg), params, prompts, args.max_new_tokens, args.repeats)
     ar_tps = tps(ar)
     print(f"- AR decode: **{ar_tps:.1f} tokens/s** ({ar_tps / (bw * 1e9 / weight_bytes):.0%} of roofline); "
