@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.decode import MIN_WINDOW, Decoder, State, append, bucket, commit, grow, prefill, stream
+from jaxspec.decode import MIN_WINDOW, Decoder, State, bucket, commit, grow, prefill, stream, write_tokens
 from jaxspec.model import Params
 from jaxspec.tokenizer import StreamDecoder
 
@@ -68,7 +68,7 @@ class ChatSession:
         toks = np.zeros((1, T), np.int32)
         toks[0, : len(feed)] = feed
         self.fed = len(feed)
-        cache = append(self.params, cfg, cache, toks, [keep + len(feed)])
+        cache = write_tokens(self.params, cfg, cache, toks, [keep + len(feed)])
         room = cfg.max_seq_len - len(self.ids) - len(new)
         return commit(st.replace(
             cache=cache, last=jnp.asarray([new[-1]], jnp.int32), out=jnp.zeros_like(st.out),
@@ -120,8 +120,10 @@ class ChatSession:
             content = self.tok.decode([i for i in answer if i not in self.eos])
             self.messages.append({"role": "assistant", "content": content})
             self.text = full + content
-            if "theta" in state.stats:
-                self.init["theta"] = float(state.stats["theta"][0])
+            stats = state.stats
+            theta = stats.get("theta") if isinstance(stats, dict) else getattr(stats, "theta", None)
+            if theta is not None:  # the speculative threshold carries over to the next turn
+                self.init["theta"] = float(theta[0])
             t2 = time.perf_counter()
             self.turns += 1
             self.last = {"new_prompt_tokens": len(new), "fed_tokens": self.fed, "prefill_s": round(t1 - t0, 4),

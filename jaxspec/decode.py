@@ -133,7 +133,7 @@ def _prefill(params: Params, cfg: Config, tokens: Array, cache: KVCache, lengths
     return cache.replace(lengths=lengths)
 
 
-def append(params: Params, cfg: Config, cache: KVCache, tokens: np.ndarray, lengths: list[int]) -> KVCache:
+def write_tokens(params: Params, cfg: Config, cache: KVCache, tokens: np.ndarray, lengths: list[int]) -> KVCache:
     """Write right-padded ``tokens`` (B, T) at ``cache.lengths`` in chunks of at most ``PREFILL_BUCKETS[-1]``, then
     set the lengths to ``lengths`` (the padding past them is never attended: decoding overwrites it first)."""
     chunk = PREFILL_BUCKETS[-1]
@@ -171,7 +171,7 @@ def prefill(params: Params, decoder: Decoder, prompts: list[list[int]], max_new:
         toks = np.zeros((B, T), np.int32)
         for b, p in enumerate(prompts):
             toks[b, : len(p) - 1] = p[:-1]
-        cache = append(params, cfg, cache, toks, [len(p) - 1 for p in prompts])
+        cache = write_tokens(params, cfg, cache, toks, [len(p) - 1 for p in prompts])
     state = State(
         cache=cache,
         last=jnp.asarray([p[-1] for p in prompts], jnp.int32),
