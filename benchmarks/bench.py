@@ -23,32 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from jaxspec.checkpoint import load  # noqa: E402
 from jaxspec.config import Config, SkipMask  # noqa: E402
-from jaxspec.decode import Decoder, Result, generate  # noqa: E402
+from jaxspec.decode import MIN_WINDOW, Decoder, Result, generate, prefill  # noqa: E402
 from jaxspec.model import KVCache, Params, forward  # noqa: E402
 from jaxspec.profile import named_masks  # noqa: E402
+from jaxspec.roofline import bandwidth_probe, bytes_per_token, median_s  # noqa: E402
 from jaxspec.speculative import SpecDecoder  # noqa: E402
-
-
-def timed(fn, repeats: int) -> float:  # noqa: ANN001
-    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
-def bandwidth_gbs(repeats: int = 20) -> float:
-    """XLA:CPU float32 matrix-vector bandwidth: a 64 MiB matrix read per product."""
-    w = jnp.ones((4096, 4096), jnp.float32)
-    x = jnp.ones((1, 4096), jnp.float32)
-    f = jax.jit(lambda w, x: x @ w)
-    return w.nbytes / timed(lambda: f(w, x), repeats) / 1e9
 
 
 def step_cost(params: Params, cfg: Config, T: int, skip: SkipMask, n: int = 16, repeats: int = 5) -> float:
@@ -62,12 +45,43 @@ def step_cost(params: Params, cfg: Config, T: int, skip: SkipMask, n: int = 16, 
         return jax.lax.fori_loop(0, n, body, (cache, jnp.float32(0)))[1]
 
     cache = KVCache.create(cfg, 1, 256).replace(lengths=jnp.asarray([128], jnp.int32))
-    return timed(lambda: loop(params, cache), repeats) / n
+    return median_s(lambda: loop(params, cache), repeats) / n
 
 
 def run(decoder: Decoder, params: Params, prompts: list[list[int]], max_new: int, repeats: int) -> list[Result]:
     generate(decoder, params, prompts[:1], max_new)  # warm-up: compile and first-execution costs
     return [generate(decoder, params, [p], max_new) for _ in range(repeats) for p in prompts]
+
+
+def contexts(params: Params, cfg: Config, ctxs: tuple[int, ...], capacity: int = 4352, n: int = 32,
+             rounds: int = 5) -> None:
+    """Decode steps at each context in a cache sized for ``capacity`` (window 0) vs one that grows with the live
+    length (the default), and the bandwidth probe, in interleaved rounds in one process (medians); and prefill of a
+    1k-token prompt."""
+    dec, rng = Decoder(cfg), np.random.default_rng(0)
+    states = {(c, w): prefill(params, dec, [rng.integers(100, cfg.vocab_size, c).tolist()], capacity - c - 256,
+                              window=w) for c in ctxs for w in (0, MIN_WINDOW)}
+    secs: dict[tuple[int, int], list[float]] = {k: [] for k in states}
+    probes = []
+    for r in range(rounds + 1):
+        probes.append(bandwidth_probe(repeats=3)["concurrent"])
+        for k, s in states.items():
+            s = jax.block_until_ready(jax.tree.map(jnp.copy, s))
+            t = time.perf_counter()
+            jax.block_until_ready(dec.run(params, s, jnp.int32(n)))
+            if r:  # round 0 compiles
+                secs[k].append(time.perf_counter() - t)
+    gbs = statistics.median(probes)
+    print(f"\n- bandwidth probe in the same rounds: {gbs:.1f} GB/s (per round {[round(p, 1) for p in probes]})")
+    print("\n| context | cache | capacity | ms/step | tokens/s | roofline tokens/s | % of roofline |")
+    print("|---|---|---|---|---|---|---|")
+    for (c, w), ts in secs.items():
+        t, roof = statistics.median(ts), gbs * 1e9 / bytes_per_token(cfg, c)
+        print(f"| {c} | {'whole request' if w == 0 else 'live window'} | {states[c, w].cache.max_len} | "
+              f"{t / n * 1e3:.2f} | {n / t:.1f} | {roof:.1f} | {n / t / roof:.0%} |")
+    prompt = rng.integers(100, cfg.vocab_size, 1001).tolist()
+    t = median_s(lambda: prefill(params, dec, [prompt], 16, window=MIN_WINDOW), rounds)
+    print(f"\n- prefill of a 1,000-token prompt: {t * 1e3:.0f} ms = **{1000 / t:.0f} tokens/s**")
 
 
 def tps(results: list[Result]) -> float:
@@ -81,6 +95,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ssd", action="append", default=[], help="named mask (light, attn-half, attn-mlp) or a "
                     "profile JSON path; repeatable")
+    ap.add_argument("--contexts", default="", help="comma-separated contexts (e.g. 128,2000): decode steps in a "
+                    "4k cache vs a live-length window, and 1k-token prefill")
     ap.add_argument("--hf-python", help="python of a venv with torch+transformers: also run benchmarks/bench_hf.py")
     args = ap.parse_args()
 
@@ -89,12 +105,16 @@ def main() -> None:
              tok.apply_chat_template([{"role": "user", "content": "Write a haiku about the sea."}])
              if tok.chat_template else "Once upon a time"]
     prompts = [tok.encode(t) for t in texts]
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    bw = bandwidth_gbs()
+    weight_bytes = bytes_per_token(cfg, context=len(prompts[0]) + args.max_new_tokens // 2)
+    probe = bandwidth_probe()
+    bw = probe["concurrent"]
     print(f"## {args.ckpt}: {jax.devices()[0].device_kind}, {os.cpu_count()} cores, {cfg.dtype}, "
           f"{args.max_new_tokens} new tokens, {len(prompts)} prompts x {args.repeats} repeats\n")
-    print(f"- weights read per token: {weight_bytes / 1e6:.0f} MB; matrix-vector bandwidth {bw:.1f} GB/s "
+    print(f"- bytes read per token: {weight_bytes / 1e6:.0f} MB; bandwidth {bw:.1f} GB/s ({probe['n_dots']} concurrent "
+          f"{probe['mib']} MiB matrix-vector products; one alone: {probe['single']:.1f} GB/s) "
           f"→ roofline {bw * 1e9 / weight_bytes:.1f} tokens/s")
+    if args.contexts:
+        contexts(params, cfg, tuple(int(c) for c in args.contexts.split(",")))
     ar = run(Decoder(cfg), params, prompts, args.max_new_tokens, args.repeats)
     ar_tps = tps(ar)
     print(f"- AR decode: **{ar_tps:.1f} tokens/s** ({ar_tps / (bw * 1e9 / weight_bytes):.0%} of roofline); "

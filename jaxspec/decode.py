@@ -24,7 +24,8 @@ from jaxspec.sampling import Sampling, sample
 
 Array = jax.Array
 
-PREFILL_BUCKETS = (16, 64, 256, 1024, 4096, 16384)  # prefill chunk lengths: one compilation each at most
+PREFILL_BUCKETS = (16, 64, 256, 1024)  # prefill chunk lengths: one compilation each; longer prompts go in 1024s
+MIN_WINDOW = 256  # smallest cache capacity; it doubles as the sequence grows (attention reads the whole capacity)
 
 
 @struct.dataclass
@@ -47,6 +48,18 @@ def bucket(n: int, buckets: tuple[int, ...] = PREFILL_BUCKETS) -> int:
 def cache_len(prompt_len: int, max_new: int, extra: int = 0) -> int:
     """Cache capacity for a request: rounded up to a multiple of 256 to bound recompilation."""
     return -(-(prompt_len + max_new + extra) // 256) * 256
+
+
+def window_len(need: int, full: int, smallest: int = MIN_WINDOW) -> int:
+    """Cache capacity for ``need`` slots: ``smallest`` doubled until it holds them, at most ``full`` (``smallest``
+    0: ``full`` at once). Attention reads the whole capacity, so decode works on a cache at most twice the live
+    length instead of one sized for the whole request, at one compilation per doubling."""
+    if smallest <= 0:
+        return full
+    w = smallest
+    while w < need:
+        w *= 2
+    return max(min(w, full), need)
 
 
 @dataclass(frozen=True)
@@ -103,8 +116,9 @@ class Decoder:
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
     def run(self, params: Params, state: State, max_steps: Array) -> State:
         """Run up to ``max_steps`` steps (or until every row is done) on device."""
-        def cond(c: tuple[State, Array]) -> Array:
-            return (c[1] < max_steps) & ~jnp.all(c[0].done)
+        def cond(c: tuple[State, Array]) -> Array:  # stop too when a step could write past the cache's window
+            room = jnp.max(c[0].cache.lengths) + self.extra + 1 <= c[0].cache.max_len
+            return (c[1] < max_steps) & ~jnp.all(c[0].done) & room
 
         def body(c: tuple[State, Array]) -> tuple[State, Array]:
             return self.step(params, c[0]), c[1] + 1
@@ -118,12 +132,26 @@ def _prefill(params: Params, cfg: Config, tokens: Array, cache: KVCache, lengths
     return cache.replace(lengths=lengths)
 
 
+def write_tokens(params: Params, decoder: Decoder, cache: KVCache, tokens: np.ndarray,
+                 lengths: list[int]) -> KVCache:
+    """Write right-padded ``tokens`` (B, T) at ``cache.lengths`` in chunks of at most ``PREFILL_BUCKETS[-1]``, then
+    set the lengths to ``lengths`` (the padding past them is never attended: decoding overwrites it first)."""
+    chunk = PREFILL_BUCKETS[-1]
+    for i in range(0, tokens.shape[1], chunk):
+        part = jnp.asarray(tokens[:, i : i + chunk])
+        end = cache.lengths + part.shape[1] if i + chunk < tokens.shape[1] else jnp.asarray(lengths, jnp.int32)
+        cache = decoder.prefill_cache(params, part, cache, end)
+    return cache
+
+
 def prefill(params: Params, decoder: Decoder, prompts: list[list[int]], max_new: int | list[int], seed: int = 0,
-            **init: float) -> State:
+            window: int = 0, **init: float) -> State:
     """Write every prompt but its last token into a fresh cache and return the initial decode state.
 
     Prompts of different lengths are right-padded to one bucket length; per-row lengths mask the padding.
-    ``init`` goes to ``decoder.init_stats`` (e.g. the speculative threshold carried over from earlier requests).
+    ``window`` > 0 starts the cache at that capacity (doubled as needed) instead of the whole request's; then the
+    decode loop stops at the window's end and ``stream`` grows it. ``init`` goes to ``decoder.init_stats`` (e.g. the
+    speculative threshold carried over from earlier requests).
     """
     cfg, extra = decoder.cfg, decoder.extra
     if any(len(p) == 0 for p in prompts):
@@ -136,17 +164,17 @@ def prefill(params: Params, decoder: Decoder, prompts: list[list[int]], max_new:
         raise ValueError(f"prompt ({longest} tokens) + {max(budgets)} new tokens exceeds the model's context "
                          f"of {cfg.max_seq_len}")
     B = len(prompts)
-    max_len = min(cache_len(longest, max(budgets), extra), cfg.max_seq_len + extra)
-    cache = decoder.new_cache(B, max_len)
+    full = min(cache_len(longest, max(budgets), extra), cfg.max_seq_len + extra)
+    T = min(bucket(longest - 1), full)
+    cache = decoder.new_cache(B, window_len(max(T, longest + extra), full, window))
     if longest > 1:
-        T = min(bucket(longest - 1), max_len)
         toks = np.zeros((B, T), np.int32)
         for b, p in enumerate(prompts):
             toks[b, : len(p) - 1] = p[:-1]
-        cache = decoder.prefill_cache(params, toks, cache, np.asarray([len(p) - 1 for p in prompts], np.int32))
+        cache = write_tokens(params, decoder, cache, toks, [len(p) - 1 for p in prompts])
     history = None
     if decoder.needs_history:
-        hist = np.zeros((B, max_len), np.int32)
+        hist = np.zeros((B, cache.max_len), np.int32)
         for b, p in enumerate(prompts):
             hist[b, : len(p)] = p
         history = jnp.asarray(hist)
@@ -161,8 +189,27 @@ def prefill(params: Params, decoder: Decoder, prompts: list[list[int]], max_new:
         stats=decoder.init_stats(B, max(budgets), **init),
         history=history,
     )
-    # Commit every array to its device: jit keys its executable cache on committedness, and the loop's own outputs
-    # are committed, so uncommitted inputs would compile (and lazily JIT kernels) a second time.
+    return commit(state)
+
+
+@functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
+def _pad(state: State, capacity: int) -> State:
+    def pad(a: Array) -> Array:  # along the sequence axis (1) of the cache arrays and the token history
+        return jnp.pad(a, ((0, 0), (0, capacity - a.shape[1])) + ((0, 0),) * (a.ndim - 2))
+
+    cache = state.cache.replace(k=tuple(map(pad, state.cache.k)), v=tuple(map(pad, state.cache.v)))
+    return state.replace(cache=cache, history=None if state.history is None else pad(state.history))
+
+
+def grow(state: State, need: int, full: int, smallest: int = MIN_WINDOW) -> State:
+    """``state`` with cache (and token history) room for ``need`` slots: copied into a larger window, donating the
+    old one, if it lacks it."""
+    return state if need <= state.cache.max_len else _pad(state, window_len(need, full, smallest))
+
+
+def commit(state: State) -> State:
+    """Commit every array to its device: jit keys its executable cache on committedness, and the loop's own outputs
+    are committed, so uncommitted inputs would compile (and lazily JIT kernels) a second time."""
     return jax.tree.map(lambda x: jax.device_put(x, x.sharding), state)
 
 
@@ -174,6 +221,7 @@ class Result:
     decode_s: float
     compile_s: float  # decode-loop compilation, excluded from decode_s
     stats: Any  # the decoder's final counters as NumPy (``speculative.SpecStats``), None for AR
+    ttft_s: float = float("nan")  # from the call to the first new token on the host (prefill and compile included)
 
     @property
     def new_tokens(self) -> int:
@@ -184,10 +232,22 @@ class Result:
         return self.new_tokens / self.decode_s if self.decode_s > 0 else float("nan")
 
 
+def capacity_needed(decoder: Decoder, state: State) -> tuple[int, int]:
+    """(slots the next step needs, slots the rest of the request needs) for ``state``'s cache (host values)."""
+    lengths, rest = np.asarray(state.cache.lengths), np.asarray(state.budget - state.n_out)
+    full = min(cache_len(int((lengths + 1 + rest).max()), 0, decoder.extra), decoder.cfg.max_seq_len + decoder.extra)
+    return int(lengths.max()) + decoder.extra + 1, full
+
+
 def stream(decoder: Decoder, params: Params, state: State, steps_per_call: int = 8) -> Iterator[State]:
-    """Run ``decoder`` to completion, yielding the state every ``steps_per_call`` steps (for streaming)."""
+    """Run ``decoder`` to completion, yielding the state after the first step (the first token, as soon as it
+    exists), then every ``steps_per_call`` steps (for streaming) or when the cache's window fills (the cache then
+    grows to the next window)."""
+    steps = 1
     while True:
-        state = decoder.run(params, state, jnp.int32(steps_per_call))
+        state = grow(state, *capacity_needed(decoder, state))
+        state = decoder.run(params, state, jnp.int32(steps))
+        steps = steps_per_call
         yield state
         if bool(jnp.all(state.done)):
             return
@@ -195,10 +255,11 @@ def stream(decoder: Decoder, params: Params, state: State, steps_per_call: int =
 
 def generate(decoder: Decoder, params: Params, prompts: list[list[int]], max_new: int | list[int], seed: int = 0,
              on_update: Callable[[State], None] | None = None, steps_per_call: int = 1 << 30,
-             **init: float) -> Result:
-    """Prefill and decode a batch of prompts; return new tokens, timings and per-row stats."""
+             window: int = MIN_WINDOW, **init: float) -> Result:
+    """Prefill and decode a batch of prompts; return new tokens, timings and per-row stats. ``window``: see
+    ``prefill`` (0: one cache sized for the whole request)."""
     t0 = time.perf_counter()
-    state = prefill(params, decoder, prompts, max_new, seed, **init)
+    state = prefill(params, decoder, prompts, max_new, seed, window, **init)
     jax.block_until_ready(state)
     t1 = time.perf_counter()
     # Compile, and run one throwaway step on a copy: XLA:CPU finishes compiling loop-body kernels at their first
@@ -206,22 +267,25 @@ def generate(decoder: Decoder, params: Params, prompts: list[list[int]], max_new
     jax.block_until_ready(decoder.run(params, jax.tree.map(jnp.copy, state), jnp.int32(1)))
     t_compile = time.perf_counter() - t1
     t1 += t_compile
-    final = state
+    final, t_first = state, None
     for final in stream(decoder, params, state, steps_per_call):
+        if t_first is None:
+            jax.block_until_ready(final.out)
+            t_first = time.perf_counter()
         if on_update is not None:
             on_update(final)
     out, n = np.asarray(final.out), np.asarray(final.n_out)
     t2 = time.perf_counter()
     return Result(tokens=[out[b, : n[b]].tolist() for b in range(len(prompts))],
                   prompt_tokens=[len(p) for p in prompts], prefill_s=t1 - t_compile - t0, decode_s=t2 - t1,
-                  compile_s=t_compile,
-                  stats=jax.tree.map(np.asarray, final.stats))
+                  compile_s=t_compile, stats=jax.tree.map(np.asarray, final.stats), ttft_s=(t_first or t2) - t0)
 
 
 def result_stats(r: Result) -> dict[str, float | int | str]:
     """Aggregate counters of a ``Result`` for printing and JSON (plus the decoder's own summary, if any)."""
     out: dict[str, float | int | str] = {"prompt_tokens": sum(r.prompt_tokens), "new_tokens": r.new_tokens,
-                                         "prefill_s": round(r.prefill_s, 4), "decode_s": round(r.decode_s, 4),
+                                         "prefill_s": round(r.prefill_s, 4), "compile_s": round(r.compile_s, 4),
+                                         "ttft_s": round(r.ttft_s, 4), "decode_s": round(r.decode_s, 4),
                                          "tokens_per_s": round(r.tokens_per_s, 2)}
     if r.stats is not None:
         out.update(r.stats.summary())

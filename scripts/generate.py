@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="batch job: skip malformed input lines (reported by line number) or refuse to start")
     ap.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 1x8 (default: one device)")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    ap.add_argument("--interactive", action="store_true", help="multi-turn chat in the terminal; the model, compiled "
+                    "functions and the conversation's KV cache stay warm between turns (/reset, /stats, /exit)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--mode", choices=["ar", "ssd"], help="default: the checkpoint profile's choice; without a profile "
                     "the measured default (profile.DEFAULT: n-gram drafting)")
@@ -110,12 +113,14 @@ def text_of(tok, ids: list[int], eos: tuple[int, ...]) -> str:  # noqa: ANN001
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     distributed.initialize()  # multi-host from the environment; a no-op on one host
-    if (args.prompt is None) == (args.input is None):
+    if args.interactive and (args.prompt or args.input or args.compare or args.mesh):
+        raise ValueError("--interactive reads prompts from the terminal: no --prompt, --input, --compare or --mesh")
+    if not args.interactive and (args.prompt is None) == (args.input is None):
         raise ValueError("give --prompt or --input (a batch job)")
     if (args.input is None) != (args.output is None):
         raise ValueError("--input and --output go together")
     validate.flags(args)
-    if args.input is None and not args.prompt:
+    if args.input is None and not args.prompt and not args.interactive:
         raise ValueError("empty prompt")
     if args.dtype == "bfloat16" and jax.default_backend() == "cpu":
         raise ValueError("--dtype bfloat16 decodes 5-9x slower than float32 on CPU (XLA:CPU's bfloat16 path); use "
@@ -123,12 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     # Compiled decode loops persist across runs (XLA's compilation cache), so only the first run pays to compile.
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    # Everything, however quick to compile: prefill buckets and small helpers also cost XLA:CPU time on a cold start.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.verbose else (lambda *a: None)
 
     ckpt_dir = resolve(args.ckpt)
     mesh = make_mesh(args.mesh) if args.mesh else None
+    t_load = time.perf_counter()
     cfg, params, tok = load(args.ckpt, dtype=args.dtype, shardings=param_sharding_fn(mesh) if mesh else None)
+    jax.block_until_ready(params)
+    load_s = round(time.perf_counter() - t_load, 4)
     if tok is None:
         raise CheckpointError(f"checkpoint {ckpt_dir} has no tokenizer")
     # Choosing the decoder: explicit flags, else the checkpoint's profile, else the measured default (profile.DEFAULT).
@@ -157,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         params = with_draft(params, cfg, spec, ranking)
         log(f"draft: {spec}")
     theta = args.threshold if args.threshold is not None else base.threshold
+    if args.interactive:
+        from jaxspec.chat import ChatSession, repl
+        dec = ssd if mode == "ssd" else ar
+        return repl(ChatSession(dec, params, tok, args.max_new_tokens, seed=args.seed,
+                                **({"theta": theta} if dec.mode == "ssd" else {})))
     if args.input:
         dec = ssd if mode == "ssd" else ar
         summary = run_batch_job(args.input, args.output, lambda s: dataclasses.replace(dec, sampling=s), params, tok,
@@ -201,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         res = run(ssd if mode == "ssd" else ar, not args.json)
         stats = {"mode": mode, **({"drafter": drafter} if mode == "ssd" else {}), **result_stats(res)}
+    stats["load_s"] = load_s
     if args.json:
         print(json.dumps({"text": text_of(tok, res.tokens[0], eos), "token_ids": res.tokens[0], "stats": stats}))
     else:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tinymodel
 
-from jaxspec.decode import Decoder, bucket, generate
+from jaxspec.config import SkipMask
+from jaxspec.decode import PREFILL_BUCKETS, Decoder, bucket, generate, window_len
 from jaxspec.model import KVCache, forward
 from jaxspec.sampling import Sampling, probs, sample
 
@@ -62,8 +63,9 @@ def test_bad_requests_are_value_errors(params):
 
 def test_prefill_buckets_bound_compilations():
     lengths = range(1, 5000)
-    assert len({bucket(n) for n in lengths}) <= 6
-    assert all(bucket(n) >= n for n in lengths)
+    chunk = PREFILL_BUCKETS[-1]  # longer prompts are written in chunks of this length
+    assert len({min(bucket(n), chunk) for n in lengths}) <= 4
+    assert all(bucket(n) >= n and (bucket(n) <= chunk or bucket(n) % chunk == 0) for n in lengths)
 
 
 def test_warping():
@@ -91,3 +93,28 @@ def test_sampling_is_seeded(params):
     a, b = (generate(dec, params, [prompt], 12, seed=s).tokens[0] for s in (1, 1))
     c = generate(dec, params, [prompt], 12, seed=2).tokens[0]
     assert a == b and a != c
+
+
+def test_growing_cache_windows_equal_one_full_cache(params):
+    """A cache that starts small and doubles as decoding fills it gives the tokens of one full-size cache."""
+    from jaxspec.speculative import SpecDecoder
+    prompts = [tinymodel.progression(5, 2, 3), tinymodel.progression(40, 1, 20), [7]]
+    for dec in (Decoder(CFG), SpecDecoder(CFG, skip=SkipMask(attn=(1,), mlp=(2,)), max_draft=5)):
+        full = generate(dec, params, prompts, [40, 30, 50], window=0)
+        small = generate(dec, params, prompts, [40, 30, 50], window=8, steps_per_call=3)
+        assert small.tokens == full.tokens
+        assert [len(t) for t in small.tokens] == [40, 30, 50]
+
+
+def test_window_len():
+    assert window_len(5, 512, 16) == 16 and window_len(17, 512, 16) == 32 and window_len(300, 272, 16) == 300
+    assert window_len(5, 512, 0) == 512 and window_len(600, 1024, 256) == 1024
+
+
+def test_chunked_prefill_equals_one_chunk(params, monkeypatch):
+    """Prompts longer than the largest prefill bucket are written in chunks; the tokens do not change."""
+    from jaxspec import decode
+    prompts = [tinymodel.progression(9, 3, 70), tinymodel.progression(4, 1, 23)]
+    whole = generate(Decoder(CFG), params, prompts, 8)
+    monkeypatch.setattr(decode, "PREFILL_BUCKETS", (16,))
+    assert generate(Decoder(CFG), params, prompts, 8).tokens == whole.tokens

@@ -14,7 +14,8 @@ from typing import Any
 
 import jax
 
-from jaxspec.bench import metrics, peers, roofline, run, tasks
+from jaxspec import roofline
+from jaxspec.bench import metrics, peers, run, tasks
 from jaxspec.bench.modes import Mode
 from jaxspec.config import Config
 from jaxspec.model import Params
