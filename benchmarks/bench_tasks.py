@@ -112,8 +112,8 @@ def main() -> None:
     ap.add_argument("--skip-attn", default="", help="skip mask of skip/hybrid drafters")
     ap.add_argument("--skip-mlp", default="")
     ap.add_argument("--ngram-k", type=int, default=8)
-    ap.add_argument("--fixed-k", action="store_true", help="also each drafter proposing n-gram continuations at "
-                    "full length k (no adaptive length)")
+    ap.add_argument("--adaptive-k", action="store_true", help="also each drafter with adaptive n-gram proposal "
+                    "length (SpecDecoder.adaptive_k)")
     ap.add_argument("--lookup-cost", action="store_true", help="only time the n-gram lookup against a decode step")
     ap.add_argument("--verify-cost", action="store_true", help="only time 1- and 2-token verify cycles against AR")
     args = ap.parse_args()
@@ -133,9 +133,9 @@ def main() -> None:
     decs = {"ar": Decoder(cfg, eos_ids=eos)}
     for d in args.drafter or ["ngram"]:
         decs[d] = SpecDecoder(cfg, eos_ids=eos, skip=mask, drafter=d, ngram_k=args.ngram_k)
-        if args.fixed_k:
-            decs[f"{d} fixed k"] = SpecDecoder(cfg, eos_ids=eos, skip=mask, drafter=d, ngram_k=args.ngram_k,
-                                               adaptive_k=False)
+        if args.adaptive_k:
+            decs[f"{d} adaptive k"] = SpecDecoder(cfg, eos_ids=eos, skip=mask, drafter=d, ngram_k=args.ngram_k,
+                                                  adaptive_k=True)
     tasks = task_prompts(tok, args.per_task)
     names = list(decs)
     for d in decs.values():  # warm-up: compilation and first-execution costs

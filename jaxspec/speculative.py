@@ -183,7 +183,7 @@ class SpecDecoder(Decoder):
     ngram_min: int = 2
     ngram_max: int = 4
     ngram_k: int = 8
-    adaptive_k: bool = True
+    adaptive_k: bool = False  # measured: fixed k was faster on all three tasks (BENCHMARKS.md, "Draft sources")
     draft_spec: DraftSpec | None = None
 
     mode = "ssd"
