@@ -1,5 +1,5 @@
 """bfloat16 fast paths (float32 logits and softmax, greedy SSD == AR, one compilation per shape bucket), the
-speedup prediction formula, and scripts/bench_accel.py end to end at tiny shapes on CPU."""
+speedup prediction formula, and benchmarks/bench_accel.py end to end at tiny shapes on CPU."""
 
 import json
 import sys
@@ -76,7 +76,7 @@ def test_greedy_ssd_equals_ar_in_bfloat16_compiled_once(params_bf16):
 
 
 def test_bench_accel_tiny(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_accel
 
     from jaxspec.checkpoint import save_checkpoint

@@ -10,18 +10,18 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from jaxspec.tokenizer import _atomic_write
+from jaxspec.files import atomic_write
 
 BEGIN, END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
 PLOTS = ("tokens_per_s.png", "accepted_per_verify.png", "theta.png")
 
 
 def save_json(path: Path, result: dict[str, Any]) -> None:
-    _atomic_write(path, (json.dumps(result, indent=1) + "\n").encode())
+    atomic_write(path, (json.dumps(result, indent=1) + "\n").encode())
 
 
 def save_text(path: Path, text: str) -> None:
-    _atomic_write(path, text.encode())
+    atomic_write(path, text.encode())
 
 
 def _quality(q: dict[str, Any]) -> str:
@@ -102,13 +102,13 @@ def splice(doc: str, section: str) -> str:
 
 
 def update_markdown(path: Path, section: str) -> None:
-    _atomic_write(path, splice(path.read_text() if path.exists() else "# Benchmarks\n", section).encode())
+    atomic_write(path, splice(path.read_text() if path.exists() else "# Benchmarks\n", section).encode())
 
 
 def _save(fig: Any, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def plots(res: dict[str, Any], out: Path) -> list[Path]:

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmark's three steps (docs/accelerator.md). The device tool carries at most 64 MiB per call, so the
 # 94 MiB SmolLM2 GGUF travels as two halves, staged in /tmp of the warm machine between calls.
-#   bash scripts/accel_run.sh prepare            # HERE: .accel/a (half 1, gguf wheel, sha256), .accel/b (half 2)
-#   bash scripts/accel_run.sh stage              # device call 1 (carry .accel/a): keep half 1 in /tmp
-#   bash scripts/accel_run.sh run [ARGS...]      # device call 2 (carry .accel/b): reassemble, bench_accel -> $OUT
+#   bash benchmarks/accel_run.sh prepare            # HERE: .accel/a (half 1, gguf wheel, sha256), .accel/b (half 2)
+#   bash benchmarks/accel_run.sh stage              # device call 1 (carry .accel/a): keep half 1 in /tmp
+#   bash benchmarks/accel_run.sh run [ARGS...]      # device call 2 (carry .accel/b): reassemble, bench_accel -> $OUT
 set -euo pipefail
 gguf=SmolLM2-135M-Instruct.Q4_1.gguf
 verb=${1:-run}
@@ -33,4 +33,4 @@ fi
 python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site "$stage"/*.whl
 export PYTHONPATH="/tmp/site:$PWD" JAXSPEC_CACHE="$cache" JAXSPEC_CHECKPOINTS=/tmp/jaxspec-ckpt PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv || true
-python3 scripts/bench_accel.py --out "${OUT:-bench-accel}" "$@"
+python3 benchmarks/bench_accel.py --out "${OUT:-bench-accel}" "$@"

@@ -1,7 +1,7 @@
 """Accelerator benchmark in one command: bfloat16 LLaMA-2 shapes (random weights) and SmolLM2 end to end.
 
-    python scripts/bench_accel.py --out bench-accel                  # GPU/TPU: 7B and 13B (70B when it fits)
-    python scripts/bench_accel.py --shapes tiny --batches 1,2 --verify 2,4 --out /tmp/smoke    # CPU smoke run
+    python benchmarks/bench_accel.py --out bench-accel                  # GPU/TPU: 7B and 13B (70B when it fits)
+    python benchmarks/bench_accel.py --shapes tiny --batches 1,2 --verify 2,4 --out /tmp/smoke    # CPU smoke run
 
 Part 1 (per shape, batch 1/8/32): AR decode tokens/s and its fraction of the HBM bandwidth limit (bytes read per
 step: weights + KV cache, over the device's spec peak from ``PEAK_GBS`` and over a measured copy bandwidth); the
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from bench import timed  # noqa: E402  (scripts/bench.py)
+from jaxspec.roofline import median_s as timed  # noqa: E402
 
 from jaxspec import profile  # noqa: E402
 from jaxspec.config import PRESETS, Config, SkipMask  # noqa: E402
