@@ -36,13 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jaxspec.roofline import median_s as timed  # noqa: E402
 
 from jaxspec import profile  # noqa: E402
 from jaxspec.config import PRESETS, Config, SkipMask  # noqa: E402
 from jaxspec.costmodel import LayerCosts, predicted_speedup  # noqa: E402
 from jaxspec.decode import Decoder, prefill  # noqa: E402
 from jaxspec.model import KVCache, Params, forward, init_params  # noqa: E402
+from jaxspec.roofline import median_s as timed  # noqa: E402
 from jaxspec.speculative import SpecDecoder  # noqa: E402
 
 SHAPES = {"7b": "llama2-7b", "13b": "llama2-13b", "70b": "llama2-70b", "tiny": "tiny"}
