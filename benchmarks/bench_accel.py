@@ -58,6 +58,8 @@ ACCEPTANCE = (0.8, 0.9, 0.95)
 MODES: dict[str, Callable[[Config, tuple[int, ...], SkipMask], Decoder]] = {
     "ar": lambda cfg, eos, skip: Decoder(cfg, eos_ids=eos),
     "skip": lambda cfg, eos, skip: SpecDecoder(cfg, eos_ids=eos, skip=skip),
+    "ngram": lambda cfg, eos, skip: SpecDecoder(cfg, eos_ids=eos, drafter="ngram"),
+    "hybrid": lambda cfg, eos, skip: SpecDecoder(cfg, eos_ids=eos, drafter="hybrid", skip=skip),
 }
 TEXTS = ("The history of the Roman Empire began when", "def fibonacci(n):", "Write a haiku about the sea.")
 COMPILES = [0]
