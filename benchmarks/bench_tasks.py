@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--per-task", type=int, default=3, help="prompts per task")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--task", action="append", help="only these tasks (summarization, code, chat/story)")
     ap.add_argument("--drafter", action="append", help="ngram (default), hybrid, skip; repeatable")
     ap.add_argument("--skip-attn", default="", help="skip mask of skip/hybrid drafters")
     ap.add_argument("--skip-mlp", default="")
@@ -136,10 +137,10 @@ def main() -> None:
         if args.adaptive_k:
             decs[f"{d} adaptive k"] = SpecDecoder(cfg, eos_ids=eos, skip=mask, drafter=d, ngram_k=args.ngram_k,
                                                   adaptive_k=True)
-    tasks = task_prompts(tok, args.per_task)
+    tasks = {t: p for t, p in task_prompts(tok, args.per_task).items() if not args.task or t in args.task}
     names = list(decs)
     for d in decs.values():  # warm-up: compilation and first-execution costs
-        generate(d, params, [tasks["code"][0]], args.max_new_tokens)
+        generate(d, params, [next(iter(tasks.values()))[0]], args.max_new_tokens)
     # secs[task][decoder][round], toks likewise; outputs[task][decoder][prompt]
     secs = {t: {n: np.zeros(args.rounds) for n in names} for t in tasks}
     toks = {t: {n: np.zeros(args.rounds) for n in names} for t in tasks}

@@ -32,7 +32,11 @@ def accept_greedy(drafts: Array, n_draft: Array, logits: Array) -> tuple[Array, 
 
     Returns (n_acc (B,), tokens (B, K+1)): drafts agreeing with the full model's argmax, then its own token.
     """
-    target = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # (B, K+1)
+    return accept_targets(drafts, n_draft, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+
+
+def accept_targets(drafts: Array, n_draft: Array, target: Array) -> tuple[Array, Array]:
+    """Greedy verification from the full model's argmax tokens ``target`` (B, K+1) (see ``accept_greedy``)."""
     K = drafts.shape[1]
     ok = (drafts == target[:, :K]) & (jnp.arange(K)[None] < n_draft[:, None])
     n_acc = jnp.cumprod(ok, axis=1).sum(axis=1).astype(jnp.int32)
@@ -295,8 +299,9 @@ class SpecDecoder(Decoder):
 
     def verify(self, params: Params, chunk: Array, cache: KVCache, n_draft: Array, done: Array
                ) -> tuple[Array, KVCache]:
-        """Full-model logits over ``chunk`` (B, K+1) = [last, drafts], run at the smallest compiled length that
-        holds every live row's drafts (a multi-row matmul is not free on CPU), padded back to K+1.
+        """Full-model logits over ``chunk`` (B, K+1) = [last, drafts] (greedy: their argmax token ids (B, K+1)), run
+        at the smallest compiled length that holds every live row's drafts (a multi-row matmul is not free on CPU),
+        padded back to K+1.
 
         The length is picked by one while loop per compiled length that runs once or never, not by ``lax.switch``:
         XLA copies every cache buffer a conditional branch updates (the whole KV cache, each cycle), while a loop
@@ -305,11 +310,15 @@ class SpecDecoder(Decoder):
         need = jnp.max(jnp.where(done, 0, n_draft)) + 1
         idx = jnp.sum(jnp.asarray(sizes) < need)
         B, T = chunk.shape
-        logits = jnp.zeros((B, T, self.cfg.vocab_size), jnp.float32)
+        greedy = self.sampling.greedy  # greedy needs only the argmax tokens: carry (B, T) ids, not (B, T, vocab)
+        logits = jnp.zeros((B, T) if greedy else (B, T, self.cfg.vocab_size), jnp.int32 if greedy else jnp.float32)
         for i, t in enumerate(sizes):
             def body(c: tuple[Array, Array, KVCache], t: int = t) -> tuple[Array, Array, KVCache]:
                 out, cache = forward(params, self.cfg, chunk[:, :t], c[2])
-                return jnp.bool_(False), jnp.pad(out, ((0, 0), (0, T - t), (0, 0))), cache
+                if greedy:
+                    out = jnp.argmax(out, axis=-1).astype(jnp.int32)
+                pad = ((0, 0), (0, T - t)) + (() if greedy else ((0, 0),))
+                return jnp.bool_(False), jnp.pad(out, pad), cache
 
             _, logits, cache = jax.lax.while_loop(lambda c: c[0], body, (idx == i, logits, cache))
         return logits, cache
@@ -322,7 +331,7 @@ class SpecDecoder(Decoder):
         chunk = jnp.concatenate([state.last[:, None], drafts], axis=1)
         logits, cache = self.verify(params, chunk, cache.replace(lengths=start), n_draft, state.done)
         if self.sampling.greedy:
-            n_acc, tokens = accept_greedy(drafts, n_draft, logits)
+            n_acc, tokens = accept_targets(drafts, n_draft, logits)
         else:
             n_acc, tokens = accept_sample(k_verify, drafts, n_draft, q, probs(logits, self.sampling))
         live = ~state.done
