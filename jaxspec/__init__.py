@@ -7,8 +7,8 @@ The API a research fork calls (see the README's example)::
     res = jaxspec.generate(dec, params, [tok.encode("Hello")], max_new=32)
 
 Names are imported on first use, so ``import jaxspec`` stays cheap and does not initialise JAX (scripts set XLA
-flags first). Reading order: ``decode.py`` (the decode loop) → ``speculative.py`` (the draft-verify cycle) →
-``model.py`` (the transformer).
+flags first). Reading order: ``cli/generate.py`` (the CLI) → ``decode.py`` (the decode loop) →
+``speculative.py`` (the draft-verify cycle) → ``model.py`` (the transformer).
 """
 
 from __future__ import annotations

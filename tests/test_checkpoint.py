@@ -370,10 +370,7 @@ def test_resolve(tmp_path, monkeypatch, saved, hf_dir):
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("convert_cli", ROOT / "scripts" / "convert.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
+    return importlib.import_module("jaxspec.cli.convert").main
 
 
 def test_cli(tmp_path, hf_dir, tiny_params, capsys, monkeypatch):

@@ -29,10 +29,7 @@ CFG = PRESETS["tiny"].replace(vocab_size=32000)
 
 
 def script(name: str):  # noqa: ANN201 - the script's main
-    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
+    return importlib.import_module(f"jaxspec.cli.{name}").main
 
 
 def tensors(seed: int = 0):  # noqa: ANN201
