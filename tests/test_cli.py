@@ -212,7 +212,14 @@ def test_plan_refuses_a_context_of_zero(files):
 def test_ctrl_c_while_importing(name):
     p = subprocess.Popen([sys.executable, str(ROOT / "scripts" / f"{name}.py"), "--help"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)  # past interpreter start-up; jax and friends take seconds more to import
+    maps = Path(f"/proc/{p.pid}/maps")
+    if not maps.parent.exists():
+        pytest.skip("needs /proc to see when the child is importing")
+    deadline = time.monotonic() + 60
+    while p.poll() is None and time.monotonic() < deadline:  # numpy loads after exit_on_interrupt, before jax
+        if "_multiarray_umath" in maps.read_text(errors="replace"):
+            break
+        time.sleep(0.02)
     if p.poll() is not None:
         pytest.skip("imports finished before the signal")
     p.send_signal(signal.SIGINT)
