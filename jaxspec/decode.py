@@ -45,6 +45,12 @@ def bucket(n: int, buckets: tuple[int, ...] = PREFILL_BUCKETS) -> int:
     return next((b for b in buckets if b >= n), -(-n // buckets[-1]) * buckets[-1])
 
 
+def capacity(decoder: Decoder, tokens: int) -> int:
+    """Cache slots a request of ``tokens`` (prompt + new) needs with ``decoder``: its scratch past the accepted
+    length included, rounded by ``cache_len``, at most the model's context plus that scratch."""
+    return min(cache_len(tokens, 0, decoder.extra), decoder.cfg.max_seq_len + decoder.extra)
+
+
 def cache_len(prompt_len: int, max_new: int, extra: int = 0) -> int:
     """Cache capacity for a request: rounded up to a multiple of 256 to bound recompilation."""
     return -(-(prompt_len + max_new + extra) // 256) * 256
@@ -164,7 +170,7 @@ def prefill(params: Params, decoder: Decoder, prompts: list[list[int]], max_new:
         raise ValueError(f"prompt ({longest} tokens) + {max(budgets)} new tokens exceeds the model's context "
                          f"of {cfg.max_seq_len}")
     B = len(prompts)
-    full = min(cache_len(longest, max(budgets), extra), cfg.max_seq_len + extra)
+    full = capacity(decoder, longest + max(budgets))
     T = min(bucket(longest - 1), full)
     cache = decoder.new_cache(B, window_len(max(T, longest + extra), full, window))
     if longest > 1:
@@ -235,7 +241,7 @@ class Result:
 def capacity_needed(decoder: Decoder, state: State) -> tuple[int, int]:
     """(slots the next step needs, slots the rest of the request needs) for ``state``'s cache (host values)."""
     lengths, rest = np.asarray(state.cache.lengths), np.asarray(state.budget - state.n_out)
-    full = min(cache_len(int((lengths + 1 + rest).max()), 0, decoder.extra), decoder.cfg.max_seq_len + decoder.extra)
+    full = capacity(decoder, int((lengths + 1 + rest).max()))
     return int(lengths.max()) + decoder.extra + 1, full
 
 

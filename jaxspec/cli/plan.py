@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from jaxspec import sharding as S
     from jaxspec.config import SkipMask
-    from jaxspec.decode import cache_len
+    from jaxspec.decode import capacity
     from jaxspec.model import KVCache, forward
+    from jaxspec.speculative import SpecDecoder
 
     cfg, mask, source, prof_name = config_and_mask(args)
     if args.max_len > cfg.max_seq_len:
@@ -125,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cfg.replace(dtype=args.dtype)
     mesh = S.make_mesh(args.mesh)
     B, K = args.batch, args.max_draft
-    extra = K + 1  # as SpecDecoder.extra: verify writes max_draft + 1 positions past the accepted length
-    seq = min(cache_len(args.max_len, 0, extra), cfg.max_seq_len + extra)  # what decode.prefill allocates
+    decoder = SpecDecoder(cfg, skip=mask, max_draft=K)
+    extra, seq = decoder.extra, capacity(decoder, args.max_len)  # what decode.prefill allocates for this decoder
 
 
     def compile_steps(dtype: str) -> tuple[int, int, dict[str, dict[str, float]]]:
