@@ -198,7 +198,7 @@ def prefill(params: Params, decoder: Decoder, prompts: list[list[int]], max_new:
     return commit(state)
 
 
-@functools.partial(jax.jit, static_argnums=1, donate_argnums=0)
+@functools.partial(jax.jit, static_argnums=1)  # no donation: a larger buffer cannot reuse the old one
 def _pad(state: State, capacity: int) -> State:
     def pad(a: Array) -> Array:  # along the sequence axis (1) of the cache arrays and the token history
         return jnp.pad(a, ((0, 0), (0, capacity - a.shape[1])) + ((0, 0),) * (a.ndim - 2))
@@ -208,8 +208,8 @@ def _pad(state: State, capacity: int) -> State:
 
 
 def grow(state: State, need: int, full: int, smallest: int = MIN_WINDOW) -> State:
-    """``state`` with cache (and token history) room for ``need`` slots: copied into a larger window, donating the
-    old one, if it lacks it."""
+    """``state`` with cache (and token history) room for ``need`` slots: copied into a larger window if it lacks
+    it (the old one is freed when the caller drops it)."""
     return state if need <= state.cache.max_len else _pad(state, window_len(need, full, smallest))
 
 
