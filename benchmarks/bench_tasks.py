@@ -113,6 +113,8 @@ def main() -> None:
     ap.add_argument("--skip-attn", default="", help="skip mask of skip/hybrid drafters")
     ap.add_argument("--skip-mlp", default="")
     ap.add_argument("--ngram-k", type=int, default=8)
+    ap.add_argument("--ngram-set", action="append", default=[], metavar="MIN,MAX,K",
+                    help="also the n-gram drafter with these settings; repeatable")
     ap.add_argument("--adaptive-k", action="store_true", help="also each drafter with adaptive n-gram proposal "
                     "length (SpecDecoder.adaptive_k)")
     ap.add_argument("--lookup-cost", action="store_true", help="only time the n-gram lookup against a decode step")
@@ -137,6 +139,10 @@ def main() -> None:
         if args.adaptive_k:
             decs[f"{d} adaptive k"] = SpecDecoder(cfg, eos_ids=eos, skip=mask, drafter=d, ngram_k=args.ngram_k,
                                                   adaptive_k=True)
+    for spec in args.ngram_set:
+        lo, hi, k = (int(x) for x in spec.split(","))
+        decs[f"ngram {lo}..{hi} k={k}"] = SpecDecoder(cfg, eos_ids=eos, drafter="ngram", ngram_min=lo, ngram_max=hi,
+                                                      ngram_k=k)
     tasks = {t: p for t, p in task_prompts(tok, args.per_task).items() if not args.task or t in args.task}
     names = list(decs)
     for d in decs.values():  # warm-up: compilation and first-execution costs

@@ -100,11 +100,11 @@ class Profile:
                    info={k: v for k, v in d.items() if k not in known})
 
 
-# What a checkpoint without a profile decodes with. The candidate is n-gram drafting (a lookup, and one plain step
-# where nothing matches); it is adopted only once measured no slower than AR (>= 0.97x) on prompts with nothing to
-# copy. The measurements so far (BENCHMARKS.md, "Draft sources") do not show that (0.72x-1.09x on chat, rounds down
-# to 0.35x on a machine loaded 7x over its cores), so the default stays AR: use_ssd=False.
-DEFAULT = Profile(mask=SkipMask(), drafter="ngram", use_ssd=False)
+# What a checkpoint without a profile decodes with: n-gram drafting (a lookup, and one plain step where nothing
+# matches), adopted because it was measured no slower than AR where little repeats (chat/story 0.98x-1.03x, medians of
+# interleaved rounds on a quiet machine) and faster where text repeats its context (summarization 1.21x-1.32x, code
+# 1.27x-1.34x, every round above +3%): BENCHMARKS.md, "Draft sources". k = 4 kept chat's lowest round at 0.97x.
+DEFAULT = Profile(mask=SkipMask(), drafter="ngram", ngram=(2, 4, 4), use_ssd=True)
 
 
 def load_profile(path: str | Path, cfg: Config) -> Profile:

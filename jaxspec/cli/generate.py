@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "functions and the conversation's KV cache stay warm between turns (/reset, /stats, /exit)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--mode", choices=["ar", "ssd"], help="default: the checkpoint profile's choice; without a profile "
-                    "profile.DEFAULT (ar until n-gram drafting is measured no slower than AR where nothing repeats)")
+                    "profile.DEFAULT (n-gram drafting, measured no slower than AR where nothing repeats)")
     ap.add_argument("--drafter", choices=DRAFTERS, help="ssd draft source: skip (needs a mask or profile), ngram "
                     "(prompt lookup), hybrid (n-gram where the context has a match, else skip); default: the profile's")
     ap.add_argument("--ngram-min", type=int, help="shortest n-gram matched (default 2 or the profile's)")
