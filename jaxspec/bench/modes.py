@@ -13,7 +13,7 @@ from typing import Any
 
 from jaxspec.config import Config
 from jaxspec.decode import Decoder
-from jaxspec.profile import Profile, named_masks
+from jaxspec.profile import DEFAULT, Profile, named_masks
 from jaxspec.speculative import SpecDecoder
 
 
@@ -30,7 +30,8 @@ MODES: dict[str, Factory] = {
     "profile": lambda cfg, eos, prof: None if prof is None else Mode(
         SpecDecoder(cfg, eos_ids=eos, skip=prof.mask, max_draft=prof.max_draft), {"theta": prof.threshold}),
     "light": lambda cfg, eos, prof: Mode(SpecDecoder(cfg, eos_ids=eos, skip=named_masks(cfg.n_layers)["light"])),
-    "ngram": lambda cfg, eos, prof: Mode(SpecDecoder(cfg, eos_ids=eos, drafter="ngram")),
+    "ngram": lambda cfg, eos, prof: Mode(SpecDecoder(cfg, eos_ids=eos, drafter="ngram", ngram_min=DEFAULT.ngram[0],
+                                                     ngram_max=DEFAULT.ngram[1], ngram_k=DEFAULT.ngram[2])),
     "hybrid": lambda cfg, eos, prof: Mode(SpecDecoder(cfg, eos_ids=eos, drafter="hybrid",
                                                       skip=named_masks(cfg.n_layers)["light"])),
 }
