@@ -3,7 +3,7 @@
     python benchmarks/bench_tasks.py  # summarization, code, chat/story: AR vs n-gram drafting
     python benchmarks/bench_tasks.py --drafter ngram --drafter hybrid --skip-attn 10,12 --rounds 3
     python benchmarks/bench_tasks.py --lookup-cost  # n-gram lookup cost vs one decode step, 128 and 4k history
-    python benchmarks/bench_tasks.py --verify-cost  # a cycle verifying 1 or 2 tokens vs one AR step
+    python benchmarks/bench_tasks.py --verify-cost  # cycles verifying T tokens vs forward(T) vs one AR step
 
 Prompts: aclsum evaluation abstracts ("summarize"), HumanEval evaluation functions, MT-Bench evaluation questions
 plus story requests, each in the chat template. A round runs every prompt with every decoder back to back, in an
@@ -14,10 +14,12 @@ gives the median ratio over rounds and the lowest (the lower bound ``profile.ado
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,7 +31,7 @@ import numpy as np  # noqa: E402
 from jaxspec import data  # noqa: E402
 from jaxspec.checkpoint import load  # noqa: E402
 from jaxspec.config import SkipMask  # noqa: E402
-from jaxspec.decode import Decoder, generate  # noqa: E402
+from jaxspec.decode import Decoder, capacity, generate, window_len  # noqa: E402
 from jaxspec.model import KVCache, forward  # noqa: E402
 from jaxspec.profile import adopt  # noqa: E402
 from jaxspec.speculative import SpecDecoder, ngram_propose  # noqa: E402
@@ -82,24 +84,65 @@ def lookup_cost(params, cfg, n: int = 64) -> None:  # noqa: ANN001
               f"ratio {t_look / t_step:.4f}")
 
 
-def verify_cost(params, cfg, prompt: list[int], n: int, rounds: int) -> None:  # noqa: ANN001
-    """Seconds per speculative cycle that verifies 1 token (n-gram lookup that never matches: n = 16) and 2 tokens
-    (1-gram lookup proposing 1 token, which nearly always matches) against seconds per AR step, interleaved."""
-    decs = {"ar": Decoder(cfg), "1-token verify": SpecDecoder(cfg, drafter="ngram", ngram_min=16, ngram_max=16),
-            "2-token verify": SpecDecoder(cfg, drafter="ngram", ngram_min=1, ngram_max=1, ngram_k=1,
-                                          adaptive_k=False)}
-    for d in decs.values():
-        generate(d, params, [prompt], n)
-    per: dict[str, list[float]] = {k: [] for k in decs}
+@dataclass(frozen=True)
+class ForcedDrafts(SpecDecoder):
+    """A probe: the n-gram decoder (lookup still run) made to propose exactly ``force`` tokens every cycle (its
+    lookup's tokens where it found some; they are mostly rejected, so each cycle emits about one token)."""
+
+    force: int = 0
+
+    def draft(self, params, state, key):  # noqa: ANN001, ANN201
+        drafts, n_draft, n_ng, q, cache, steps = super().draft(params, state, key)
+        room = jnp.where(state.done, 0, state.budget - state.n_out)
+        n = jnp.clip(jnp.minimum(self.force, room - 1), 0, None).astype(jnp.int32)
+        return drafts, n, jnp.minimum(n_ng, n), q, cache, steps
+
+
+def verify_cost(params, cfg, prompt: list[int], n: int, rounds: int, widths: tuple[int, ...] = (1, 2, 3, 5, 9),
+                k: int = 8, reps: int = 32) -> None:  # noqa: ANN001
+    """Per verify width T: seconds per cycle of an n-gram decoder (k = ``k``) forced to verify T tokens every cycle
+    (``ForcedDrafts``), seconds per isolated ``forward`` of T tokens (a jitted loop of ``reps`` at the cache window
+    and mid-request length the cycles see), both over seconds per AR step of ``generate``; interleaved rounds."""
+    cycles = {t: ForcedDrafts(cfg, drafter="ngram", ngram_min=2, ngram_max=4, ngram_k=k, force=t - 1)
+              for t in widths}
+    window = window_len(len(prompt) + n + cycles[widths[0]].extra, capacity(cycles[widths[0]], len(prompt) + n))
+    cache = KVCache.create(cfg, 1, window).replace(lengths=jnp.asarray([len(prompt) + n // 2], jnp.int32))
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def fwd(p, cache: KVCache, t: int) -> jax.Array:  # noqa: ANN001
+        base = cache.lengths
+        def body(i: int, c: tuple) -> tuple:
+            logits, cache = forward(p, cfg, jnp.full((1, t), 7, jnp.int32) + i, c[0].replace(lengths=base + i % 2))
+            return cache.replace(lengths=c[0].lengths), c[1] + jnp.argmax(logits, -1).sum()
+        return jax.lax.fori_loop(0, reps, body, (cache, jnp.int32(0)))[1]
+
+    def run(name: str) -> float:
+        if name == "ar":
+            return generate(Decoder(cfg), params, [prompt], n).decode_s / n
+        kind, t = name.split(":")
+        if kind == "cycle":
+            res = generate(cycles[int(t)], params, [prompt], n)
+            return res.decode_s / int(res.stats.verify_calls[0])
+        t0 = time.perf_counter()
+        jax.block_until_ready(fwd(params, cache, int(t)))
+        return (time.perf_counter() - t0) / reps
+
+    names = ["ar"] + [f"{kind}:{t}" for t in widths for kind in ("cycle", "forward")]
+    for name in names:  # compile and first execution
+        run(name)
+    per: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
-        for k in np.roll(list(decs), -r):
-            res = generate(decs[k], params, [prompt], n)
-            per[k].append(res.decode_s / (n if res.stats is None else int(res.stats.verify_calls[0])))
-    for k in list(decs)[1:]:
-        ratio = np.asarray(per[k]) / np.asarray(per["ar"])
-        ms, ar_ms = statistics.median(per[k]) * 1e3, statistics.median(per["ar"]) * 1e3
-        print(f"- {k} cycle: {ms:.1f} ms vs AR step {ar_ms:.1f} ms: **{np.median(ratio):.3f}x** "
-              f"(rounds {', '.join(f'{x:.3f}' for x in ratio)})")
+        for name in np.roll(names, -r):
+            per[name].append(run(name))
+    ar = np.asarray(per["ar"])
+    print(f"window {window}, prompt {len(prompt)} tokens, {n} new tokens; isolated forward at length "
+          f"{len(prompt) + n // 2}; verify sizes compiled {cycles[widths[0]].verify_sizes}; AR step "
+          f"{np.median(ar) * 1e3:.1f} ms; ratios to AR: median (lowest..highest round)\n")
+    print("| T | in-cycle | isolated forward(T) | cycle / forward |\n|---|---|---|---|")
+    for t in widths:
+        c, f = np.asarray(per[f"cycle:{t}"]) / ar, np.asarray(per[f"forward:{t}"]) / ar
+        print(f"| {t} | **{np.median(c):.3f}x** ({c.min():.2f}..{c.max():.2f}) | {np.median(f):.3f}x "
+              f"({f.min():.2f}..{f.max():.2f}) | {np.median(c / f):.3f} |")
 
 
 def main() -> None:
@@ -118,7 +161,9 @@ def main() -> None:
     ap.add_argument("--adaptive-k", action="store_true", help="also each drafter with adaptive n-gram proposal "
                     "length (SpecDecoder.adaptive_k)")
     ap.add_argument("--lookup-cost", action="store_true", help="only time the n-gram lookup against a decode step")
-    ap.add_argument("--verify-cost", action="store_true", help="only time 1- and 2-token verify cycles against AR")
+    ap.add_argument("--verify-cost", action="store_true", help="only time cycles verifying T tokens against an "
+                    "isolated forward(T) and an AR step")
+    ap.add_argument("--widths", default="1,2,3,5,9", help="verify widths T of --verify-cost")
     args = ap.parse_args()
 
     cfg, params, tok = load(args.ckpt)
@@ -128,7 +173,8 @@ def main() -> None:
         lookup_cost(params, cfg)
         return
     if args.verify_cost:
-        verify_cost(params, cfg, task_prompts(tok, 1)["chat/story"][0], args.max_new_tokens, max(args.rounds, 3))
+        verify_cost(params, cfg, task_prompts(tok, 1)["chat/story"][0], args.max_new_tokens, max(args.rounds, 3),
+                    tuple(int(x) for x in args.widths.split(",")))
         return
     mask = SkipMask(tuple(int(x) for x in args.skip_attn.split(",") if x),
                     tuple(int(x) for x in args.skip_mlp.split(",") if x))
