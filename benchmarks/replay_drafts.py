@@ -168,6 +168,7 @@ def main() -> None:
     def settings(item: dict) -> dict:
         s = {f"ngram {lo}..4 k={k}": ngram(lo, 4, k) for lo in (1, 2, 3) for k in (2, 4, 8, 16)}
         s.update({f"ngram {n}..{n} k=4": ngram(n, n, 4) for n in (1, 2, 3, 4)})
+        s.update({f"ngram {lo}..16 k=8": ngram(lo, 16, 8) for lo in (1, 2)})  # longest match wins, up to 16
         s.update({f"ngram 2..4 k={k} best-of-{m}": ngram(2, 4, k, m) for k in (4, 8) for m in (2, 4)})
         s.update({f"recycled chain k={k}": recycled(k, 1, item, False) for k in (2, 4, 8)})
         s.update({f"recycled tree 4x{k}": recycled(k, 4, item, True) for k in (2, 4)})
@@ -178,7 +179,8 @@ def main() -> None:
         if "tree" in name:
             w, k = name.split()[-1].split("x")
             return int(w) * int(k)
-        return int(name.split("k=")[1].split()[0])
+        k = int(name.split("k=")[1].split()[0])
+        return k * int(name.split("best-of-")[1]) if "best-of" in name else k
 
     for task, items in data.items():
         tot: dict[str, list[float]] = {}
