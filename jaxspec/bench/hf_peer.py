@@ -1,10 +1,11 @@
 """HF transformers peer, run as a script by any Python with torch + transformers + gguf (no jaxspec import).
 
-Reads one JSON object on stdin: ``gguf`` (path), ``prompts`` (token id lists), ``max_new``, ``threads``,
-``early_exit`` (layer for ``assistant_early_exit``). Prints one JSON object: per mode (``hf``, ``hf-prompt-lookup``,
-``hf-early-exit``) a list of {tokens, decode_s} per prompt, or {"error": ...}. Greedy, torch CPU float32 (the GGUF is
+Reads one JSON object on stdin: ``gguf`` (path), ``prompts`` (token id lists), ``max_new`` (one per prompt),
+``threads``, ``early_exit`` (layer for ``assistant_early_exit``), ``modes`` (optional subset). Prints one JSON object:
+per mode (``hf``, ``hf-prompt-lookup``, ``hf-early-exit``) a list of {tokens, decode_s, ttft_s} per prompt, or
+{"error": ...}. Greedy, torch CPU float32 (the GGUF is
 dequantized), eager attention. ``decode_s`` is the time of the full generation minus that of a 1-token generation
-(the prefill), so it compares with jaxspec's ``decode_s``; its tokens exclude the first.
+(the prefill and first token: ``ttft_s``), so it compares with jaxspec's ``decode_s``; its tokens exclude the first.
 """
 
 from __future__ import annotations
@@ -39,13 +40,15 @@ def main() -> None:
         return y[0, len(ids):].tolist(), time.perf_counter() - t
 
     for name, kw in modes.items():
+        if name not in job.get("modes", modes):
+            continue
         try:
             gen(job["prompts"][0], 4, kw)  # warm-up
             rows = []
-            for ids in job["prompts"]:
+            for ids, n in zip(job["prompts"], job["max_new"], strict=True):
                 _, t1 = gen(ids, 1, {})
-                toks, tn = gen(ids, int(job["max_new"]), kw)
-                rows.append({"tokens": toks, "decode_s": max(tn - t1, 1e-9)})
+                toks, tn = gen(ids, int(n), kw)
+                rows.append({"tokens": toks, "decode_s": max(tn - t1, 1e-9), "ttft_s": t1})
             out[name] = rows
         except Exception as e:  # a mode this transformers version lacks: report it, run the others
             out[name] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:200]}
