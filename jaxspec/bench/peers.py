@@ -28,8 +28,8 @@ Prompts = list[tuple[str, str, list[int]]]
 
 
 def _records(name: str, prompts: Prompts, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Peer outputs as run records (the first token, generated with the prefill, is not counted in ``decode_s``;
-    ``ttft_s`` is the time of a 1-token generation: prefill and first token)."""
+    """Peer outputs as run records (the first token, generated with the prefill, is not counted in ``decode_s``,
+    which starts at it; ``ttft_s`` is the time to it)."""
     return [{"task": task, "id": pid, "mode": name, "prompt_tokens": len(ids), "tokens": row["tokens"],
              "new_tokens": max(len(row["tokens"]) - 1, 0), "decode_s": round(row["decode_s"], 5),
              "ttft_s": round(row["ttft_s"], 5)}
@@ -77,21 +77,20 @@ def llama_cpp(gguf: Path, prompts: Prompts, max_new: int | Mapping[str, int], th
         draft = drafts[name]
         llm = llama_cpp.Llama(str(gguf), n_ctx=4096, n_threads=threads, draft_model=draft, verbose=False)
 
-        def gen(ids: list[int], n: int, llm: Any = llm) -> tuple[list[int], float]:
+        def gen(ids: list[int], n: int, llm: Any = llm) -> dict[str, Any]:
+            """Greedy tokens, the time to the first one (prefill) and from there to the last one (decode)."""
             llm.reset()
-            t, toks = time.perf_counter(), []
+            t, toks, first = time.perf_counter(), [], 0.0
             for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
                 toks.append(int(tok))
+                first = first or time.perf_counter()
                 if tok == llm.token_eos() or len(toks) == n:
                     break
-            return toks, time.perf_counter() - t
+            end = time.perf_counter()
+            return {"tokens": toks, "decode_s": max(end - first, 1e-9), "ttft_s": first - t}
 
-        rows = []
         gen(prompts[0][2], 2)  # warm-up
-        for task, _, ids in tqdm(prompts, desc=name, unit="prompt"):
-            _, t1 = gen(ids, 1)
-            toks, tn = gen(ids, budget(max_new, task))
-            rows.append({"tokens": toks, "decode_s": max(tn - t1, 1e-9), "ttft_s": t1})
+        rows = [gen(ids, budget(max_new, task)) for task, _, ids in tqdm(prompts, desc=name, unit="prompt")]
         status[name] = "ok"
         records += _records(name, prompts, rows)
     return status, records
