@@ -6,10 +6,12 @@
     python scripts/benchmark.py --from-json bench-out/benchmark.json --update BENCHMARKS.md   # report only
 
 Default sample counts (chosen so the default run fits 30 minutes on a 2-core CPU): 8 aclsum test abstracts
-(1-shot), 8 HumanEval odd tasks, 8 MT-Bench first turns, 128 new tokens each, every mode once per prompt
-(interleaved), then the peers on the first 2 prompts of each task. Writes DIR/benchmark.json (every raw figure),
-DIR/benchmark.md and PNG plots; ``--update FILE`` splices the section into FILE. Quality metrics need
-``pip install -e '.[bench]'``; peers need torch+transformers (``--hf-python``) or llama-cpp-python.
+(1-shot), 8 HumanEval odd tasks, 8 MT-Bench first turns, 128 new tokens at most (256 for code: SmolLM2 closes its
+fenced answer within ~40-60 tokens and stops by ~90-135, so no function is cut; HumanEval's stop sequences then trim
+what follows it, the same for every mode), every mode once per prompt (interleaved), then the peers on the first 2
+prompts of each task. Writes DIR/benchmark.json (every raw figure), DIR/benchmark.md and PNG plots; ``--update FILE``
+splices the section into FILE. Quality metrics need ``pip install -e '.[bench]'``; peers need llama-cpp-python
+(``.[llama]``) or a Python with torch + transformers + gguf (``.[hf]``, passed as ``--hf-python``).
 """
 
 from __future__ import annotations
