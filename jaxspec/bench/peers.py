@@ -49,8 +49,9 @@ def hf(python: str | None, gguf: Path, prompts: Prompts, max_new: int | Mapping[
     proc = subprocess.run([exe, str(Path(__file__).with_name("hf_peer.py"))], input=json.dumps(job),
                           capture_output=True, text=True)
     if proc.returncode:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
-        return dict.fromkeys(modes, f"failed: {tail}"), []
+        lines = [ln for ln in proc.stderr.replace("\r", "\n").splitlines() if ln.strip() and "%|" not in ln]
+        tail = (lines or ["no output"])[-1][:200]  # the error, not a progress bar
+        return dict.fromkeys(modes, f"failed (exit status {proc.returncode}): {tail}"), []
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     status, records = {"versions": out.get("versions", {})}, []
     for name in modes:
