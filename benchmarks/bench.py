@@ -1,20 +1,22 @@
 """Decode benchmark on one checkpoint, everything measured side by side in one run (medians of repeats).
 
-    python benchmarks/bench.py                                   # AR vs roofline (+ HF transformers with --hf-python)
+    python benchmarks/bench.py                                   # AR vs roofline, + peers when installed
+    python benchmarks/bench.py --hf-python /path/to/venv-hf/bin/python   # HF transformers from another venv
     python benchmarks/bench.py --ssd light --ssd attn-half       # + self-speculative decoding for named masks
+    python benchmarks/bench.py --probe-variants                  # every bandwidth probe variant, then exit
 
-Prints a markdown report: AR tokens/s, the memory-bandwidth roofline, and for each skip mask the acceptance, the
-draft-step and verify costs relative to one full decode step, the measured SSD speedup and the speedup those
-costs and acceptances predict (so any gap is implementation overhead).
+Prints a markdown report: AR tokens/s, the memory-bandwidth roofline, the peers (llama.cpp through
+llama-cpp-python, HF transformers through ``--hf-python``; ``jaxspec.bench.peers``, same GGUF weights and prompts)
+as decode rate, prefill rate and first-token latency beside jaxspec's and as ratios, and for each skip mask the
+acceptance, the draft-step and verify costs relative to one full decode step, the measured SSD speedup and the
+speedup those costs and acceptances predict (so any gap is implementation overhead).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,12 +27,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxspec.checkpoint import load  # noqa: E402
+from jaxspec.bench import peers  # noqa: E402
+from jaxspec.checkpoint import load, smollm2_gguf_path  # noqa: E402
 from jaxspec.config import Config, SkipMask  # noqa: E402
 from jaxspec.decode import MIN_WINDOW, Decoder, Result, generate, prefill  # noqa: E402
 from jaxspec.model import KVCache, Params, forward  # noqa: E402
 from jaxspec.profile import named_masks  # noqa: E402
-from jaxspec.roofline import bandwidth_probe, bytes_per_token, median_s  # noqa: E402
+from jaxspec.roofline import VARIANTS, bandwidth_probe, bytes_per_token, median_s  # noqa: E402
 from jaxspec.speculative import SpecDecoder  # noqa: E402
 
 
@@ -88,6 +91,50 @@ def tps(results: list[Result]) -> float:
     return sum(r.new_tokens for r in results) / sum(r.decode_s for r in results)
 
 
+def rates(new: list[int], decode_s: list[float], prompt_tokens: list[int], ttft_s: list[float]
+          ) -> tuple[float, float, float]:
+    """(decode tokens/s, prefill tokens/s = prompt tokens / time to first token, median first-token seconds)."""
+    return sum(new) / sum(decode_s), sum(prompt_tokens) / sum(ttft_s), statistics.median(ttft_s)
+
+
+def peer_table(ckpt: str, prompts: list[list[int]], max_new: int, ar: list[Result], hf_python: str | None) -> None:
+    """llama.cpp and HF transformers (plain greedy) on the same prompts and GGUF weights, beside jaxspec AR (its
+    runs above) and as ratios; rows say why a peer is missing. Peers run after jaxspec, one prompt once each."""
+    if ckpt != "smollm2-135m":
+        print("\n- peers: only for smollm2-135m (its GGUF is the peers' weights)")
+        return
+    gguf, few = smollm2_gguf_path(), [("ar", str(i), p) for i, p in enumerate(prompts)]
+    st_ll, rec_ll = peers.llama_cpp(gguf, few, max_new, modes=("llama.cpp",))
+    st_hf, rec_hf = peers.hf(hf_python, gguf, few, max_new, early_exit=0, modes=("hf",))
+    mine = rates([r.new_tokens for r in ar], [r.decode_s for r in ar], [r.prompt_tokens[0] for r in ar],
+                 [r.ttft_s for r in ar])
+    print(f"\n- peers after jaxspec, same {len(prompts)} prompts, {max_new} new tokens; prefill = prompt tokens / time "
+          "to first token; ratios are peer / jaxspec (first token: jaxspec / peer, so > 1 means the peer is faster)")
+    print("\n| decoder | decode tok/s | × jaxspec | prefill tok/s | × jaxspec | first token ms | × jaxspec |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| jaxspec AR | {mine[0]:.1f} | 1.00 | {mine[1]:.0f} | 1.00 | {mine[2] * 1e3:.0f} | 1.00 |")
+    status = {**st_ll, **st_hf}
+    for name in ("llama.cpp", "hf"):
+        recs = [r for r in rec_ll + rec_hf if r["mode"] == name]
+        if not recs:
+            print(f"| {name} | {status.get(name)} | — | — | — | — | — |")
+            continue
+        d, p, f = rates(*([r[k] for r in recs] for k in ("new_tokens", "decode_s", "prompt_tokens", "ttft_s")))
+        print(f"| {name} | {d:.1f} | {d / mine[0]:.2f} | {p:.0f} | {p / mine[1]:.2f} | {f * 1e3:.0f} | "
+              f"{mine[2] / f:.2f} |")
+    versions = {**st_ll.get("versions", {}), **st_hf.get("versions", {})}
+    if versions:
+        print("\n- peer versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+
+
+def probe_table() -> None:
+    """Every bandwidth probe variant (``roofline.VARIANTS``), GB/s of its fastest call; twice, interleaved."""
+    rounds = [bandwidth_probe(tuple(VARIANTS))["variants"] for _ in range(2)]
+    print(f"load average {os.getloadavg()}\n\n| probe (~512 MiB read per call) | GB/s (two rounds) |\n|---|---|")
+    for name in VARIANTS:
+        print(f"| {name} | {' / '.join(f'{r[name]:.1f}' for r in rounds)} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", default="smollm2-135m")
@@ -97,8 +144,13 @@ def main() -> None:
                     "profile JSON path; repeatable")
     ap.add_argument("--contexts", default="", help="comma-separated contexts (e.g. 128,2000): decode steps in a "
                     "4k cache vs a live-length window, and 1k-token prefill")
-    ap.add_argument("--hf-python", help="python of a venv with torch+transformers: also run benchmarks/bench_hf.py")
+    ap.add_argument("--hf-python", help="python of a venv with torch + transformers + gguf for the HF peer row")
+    ap.add_argument("--no-peers", action="store_true", help="skip llama.cpp and HF transformers")
+    ap.add_argument("--probe-variants", action="store_true", help="print every bandwidth probe variant and exit")
     args = ap.parse_args()
+    if args.probe_variants:
+        probe_table()
+        return
 
     cfg, params, tok = load(args.ckpt)
     texts = ["The history of the Roman Empire began when", "def fibonacci(n):",
@@ -110,21 +162,16 @@ def main() -> None:
     bw = probe["concurrent"]
     print(f"## {args.ckpt}: {jax.devices()[0].device_kind}, {os.cpu_count()} cores, {cfg.dtype}, "
           f"{args.max_new_tokens} new tokens, {len(prompts)} prompts x {args.repeats} repeats\n")
-    print(f"- bytes read per token: {weight_bytes / 1e6:.0f} MB; bandwidth {bw:.1f} GB/s ({probe['n_dots']} concurrent "
-          f"{probe['mib']} MiB matrix-vector products; one alone: {probe['single']:.1f} GB/s) "
-          f"→ roofline {bw * 1e9 / weight_bytes:.1f} tokens/s")
+    print(f"- bytes read per token: {weight_bytes / 1e6:.0f} MB; bandwidth {bw:.1f} GB/s (best probe: {probe['best']}; "
+          f"all: {probe['variants']}) → roofline {bw * 1e9 / weight_bytes:.1f} tokens/s")
     if args.contexts:
         contexts(params, cfg, tuple(int(c) for c in args.contexts.split(",")))
     ar = run(Decoder(cfg), params, prompts, args.max_new_tokens, args.repeats)
     ar_tps = tps(ar)
     print(f"- AR decode: **{ar_tps:.1f} tokens/s** ({ar_tps / (bw * 1e9 / weight_bytes):.0%} of roofline); "
           f"per-run {[round(r.tokens_per_s, 1) for r in ar]}")
-    if args.hf_python:
-        out = subprocess.run([args.hf_python, str(Path(__file__).with_name("bench_hf.py")), "--max-new-tokens",
-                              str(args.max_new_tokens)], capture_output=True, text=True, check=True).stdout
-        hf = json.loads(out.strip().splitlines()[-1])
-        print(f"- HF transformers (torch {hf.get('torch')}): {hf['hf_tokens_per_s']:.1f} tokens/s → jaxspec is "
-              f"{ar_tps / hf['hf_tokens_per_s']:.2f}x")
+    if not args.no_peers:
+        peer_table(args.ckpt, prompts, args.max_new_tokens, ar, args.hf_python)
     if not args.ssd:
         return
     c_ar = step_cost(params, cfg, 1, SkipMask())

@@ -1,8 +1,9 @@
 """Memory-bandwidth roofline of decoding: what the device can stream, and how many bytes one token reads.
 
 A decode step is a chain of matrix-vector products, so its speed limit is bytes read / bandwidth. The bandwidth is
-measured as several *independent* large float32 matrix-vector products in one jitted function (what all cores can
-stream together, the best case a decoder's weights can hope for), and reported beside one product alone.
+measured as many *independent* float32 matrix-vector products in one jitted function, ~512 MiB in all (what all
+cores can stream together from memory, the best case a decoder's weights can hope for); ``VARIANTS`` holds the
+shapes tried (BENCHMARKS.md "Bandwidth limit"), ``FAST`` the ones the roofline takes the best of.
 """
 
 from __future__ import annotations
@@ -19,35 +20,70 @@ from jaxspec.config import Config
 
 def median_s(fn: Callable[[], object], repeats: int) -> float:
     """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
-    jax.block_until_ready(fn())  # compile and first-execution costs
+    return statistics.median(times_s(fn, repeats))
+
+
+def times_s(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn()`` after one warm-up call (compilation, first execution)."""
+    jax.block_until_ready(fn())
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
         jax.block_until_ready(fn())
         ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return ts
 
 
-def bandwidth_probe(n_dots: int = 6, mib: int = 48, repeats: int = 15) -> dict[str, float]:
-    """GB/s of ``n_dots`` independent (rows x 1024) float32 matrix-vector products of ``mib`` MiB each run in one
-    jitted function (``concurrent``), and of one alone (``single``). Matrices are distinct, so nothing is cached."""
-    cols = 1024
-    rows = mib * (1 << 20) // (4 * cols)
-    keys = jax.random.split(jax.random.key(0), n_dots)
-    ws = [jax.random.normal(k, (rows, cols), jnp.float32) for k in keys]
+_MiB = 1 << 20
+# name -> (how, count, MiB each): every variant reads ~512 MiB per call (16x the 32 MiB L3), each byte once.
+VARIANTS: dict[str, tuple[str, int, int]] = {
+    "6 x 48 MiB W@x": ("dots", 6, 48),
+    "32 x 16 MiB W@x": ("dots", 32, 16),
+    "64 x 8 MiB W@x": ("dots", 64, 8),
+    "32 x 16 MiB x@W, 576 rows (the model's layout)": ("xw", 32, 16),
+    "one 512 MiB W@x": ("dots", 1, 512),
+    "one 512 MiB W@x, 16 row blocks": ("blocked", 16, 32),
+    "sum of 512 MiB": ("sum", 1, 512),
+}
+FAST = ("32 x 16 MiB W@x", "64 x 8 MiB W@x", "32 x 16 MiB x@W, 576 rows (the model's layout)")
+
+
+def _variant(how: str, n: int, mib: int) -> tuple[Callable[[], object], int]:
+    """A jitted call reading ``n`` distinct ``mib``-MiB float32 arrays once, and its byte count."""
+    cols = 576 if how == "xw" else 1024
+    rows = mib * _MiB // (4 * cols)
+    keys = jax.random.split(jax.random.key(0), n)
+    if how == "blocked":  # one matrix, its rows in n blocks: one batched product
+        w = jax.random.normal(keys[0], (n, rows, cols), jnp.float32)
+        x = jnp.ones((cols,), jnp.float32)
+        f = jax.jit(lambda w, x: jnp.einsum("brc,c->br", w, x))
+        return (lambda: f(w, x)), w.nbytes
+    if how == "sum":
+        a = jax.random.normal(keys[0], (rows * cols,), jnp.float32)
+        f = jax.jit(jnp.sum)
+        return (lambda: f(a)), a.nbytes
+    ws = [jax.random.normal(k, (cols, rows) if how == "xw" else (rows, cols), jnp.float32) for k in keys]
     x = jnp.ones((cols,), jnp.float32)
-    many = jax.jit(lambda ws, x: [w @ x for w in ws])
-    one = jax.jit(lambda w, x: w @ x)
-    nbytes = ws[0].nbytes
-    t_many = median_s(lambda: many(ws, x), repeats)
-    t_one = median_s(lambda: [one(w, x) for w in ws[:1]], repeats)
-    return {"concurrent": n_dots * nbytes / t_many / 1e9, "single": nbytes / t_one / 1e9,
-            "n_dots": n_dots, "mib": mib}
+    f = jax.jit((lambda ws, x: [x @ w for w in ws]) if how == "xw" else (lambda ws, x: [w @ x for w in ws]))
+    return (lambda: f(ws, x)), sum(w.nbytes for w in ws)
+
+
+def bandwidth_probe(names: tuple[str, ...] = FAST, repeats: int = 15) -> dict[str, object]:
+    """GB/s each probe variant in ``names`` streams (``VARIANTS``; bytes / the *fastest* of ``repeats`` calls: load
+    only ever slows a call down, and a roofline is the best case), and the best of them (``concurrent``, ``best``).
+    Independent matrix-vector products in one jitted function let XLA run them on all cores at once."""
+    gbs = {}
+    for name in names:
+        fn, nbytes = _variant(*VARIANTS[name])
+        gbs[name] = round(nbytes / min(times_s(fn, repeats)) / 1e9, 2)
+        del fn
+    best = max(gbs, key=gbs.__getitem__)
+    return {"concurrent": gbs[best], "best": best, "variants": gbs}
 
 
 def bandwidth_gbs(repeats: int = 15) -> float:
-    """The decode roofline's bandwidth: GB/s of several concurrent large float32 matrix-vector products."""
-    return bandwidth_probe(repeats=repeats)["concurrent"]
+    """The decode roofline's bandwidth: GB/s of the best of the ``FAST`` probe variants."""
+    return float(bandwidth_probe(repeats=repeats)["concurrent"])
 
 
 def bytes_per_token(cfg: Config, context: int = 0, itemsize: int | None = None) -> int:

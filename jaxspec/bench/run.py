@@ -8,7 +8,7 @@ over prompts of the per-prompt ratio to AR on the same prompt.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from tqdm import tqdm
@@ -31,16 +31,22 @@ def counters(r: Result) -> dict[str, Any]:
             "theta_trace": [round(float(x), 4) for x in s.theta_trace[0][:calls]]}
 
 
-def measure(modes: dict[str, Mode], params: Params, prompts: list[tuple[str, str, list[int]]], max_new: int,
-            desc: str = "decode", seed: int = 0) -> list[dict[str, Any]]:
-    """Run every mode on every ``(task, id, token ids)`` prompt, interleaved; one raw record per (prompt, mode)."""
+def budget(max_new: int | Mapping[str, int], task: str) -> int:
+    """New tokens at most for ``task``: one figure for all tasks, or a per-task table."""
+    return max_new if isinstance(max_new, int) else max_new[task]
+
+
+def measure(modes: dict[str, Mode], params: Params, prompts: list[tuple[str, str, list[int]]],
+            max_new: int | Mapping[str, int], desc: str = "decode", seed: int = 0) -> list[dict[str, Any]]:
+    """Run every mode on every ``(task, id, token ids)`` prompt, interleaved; one raw record per (prompt, mode).
+    ``max_new``: new tokens at most, for all tasks or per task."""
     names = list(modes)
     records = []
     with tqdm(total=len(prompts) * len(names), desc=desc, unit="run", dynamic_ncols=True) as bar:
         for i, (task, pid, ids) in enumerate(prompts):
             for name in names[i % len(names):] + names[: i % len(names)]:
                 m = modes[name]
-                r = generate(m.decoder, params, [ids], max_new, seed=seed, **m.init)
+                r = generate(m.decoder, params, [ids], budget(max_new, task), seed=seed, **m.init)
                 records.append({"task": task, "id": pid, "mode": name, "seed": seed, "prompt_tokens": len(ids),
                                 "tokens": r.tokens[0], "new_tokens": r.new_tokens, "decode_s": round(r.decode_s, 5),
                                 "prefill_s": round(r.prefill_s, 5), "compile_s": round(r.compile_s, 3),

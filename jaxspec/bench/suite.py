@@ -46,15 +46,20 @@ def quality_available() -> bool:
 
 
 def benchmark(ckpt: str, cfg: Config, params: Params, tok: Any, modes: dict[str, Mode], task_names: list[str],
-              limit: dict[str, int], max_new: int, peer_limit: int = 0, gguf: Path | None = None,
+              limit: dict[str, int], max_new: dict[str, int], peer_limit: int = 0, gguf: Path | None = None,
               hf_python: str | None = None, command: str = "", samples: int = 0) -> dict[str, Any]:
-    """Run the benchmark and return every raw figure (see ``report.markdown`` for how it is shown)."""
+    """Run the benchmark and return every raw figure (see ``report.markdown`` for how it is shown). ``max_new``:
+    new tokens at most per task. The bandwidth is probed before and after the modes run; the roofline takes the
+    higher figure (load only lowers it)."""
     load_start = [round(x, 2) for x in os.getloadavg()]
     items = [it for t in task_names for it in tasks.load(t, limit[t])]
     prompts = [(it.task, it.id, tasks.prompt_ids(it, tok)) for it in items]
     refs = {(it.task, it.id): it.reference for it in items}
-    bw, bpt = roofline.bandwidth_gbs(), roofline.bytes_per_token(cfg)
+    probes = [roofline.bandwidth_probe()]
     records = run.measure(modes, params, prompts, max_new)
+    probes.append(roofline.bandwidth_probe())
+    probe = max(probes, key=lambda p: p["concurrent"])
+    bw, bpt = probe["concurrent"], roofline.bytes_per_token(cfg)
     eos = set(tok.eos_ids)
 
     def text(ids: list[int]) -> str:
@@ -68,13 +73,14 @@ def benchmark(ckpt: str, cfg: Config, params: Params, tok: Any, modes: dict[str,
         "settings": {"max_new_tokens": max_new, "prompts_per_task": {t: sum(it.task == t for it in items)
                                                                     for t in task_names},
                      "quality": quality is not None, "peer_prompts_per_task": peer_limit},
-        "roofline": {"bandwidth_gbs": round(bw, 3), "bytes_per_token": bpt, "tokens_per_s_limit": bw * 1e9 / bpt},
+        "roofline": {"bandwidth_gbs": round(bw, 3), "bytes_per_token": bpt, "tokens_per_s_limit": bw * 1e9 / bpt,
+                     "probe": probe["best"], "probes_gbs": [p["variants"] for p in probes]},
         "modes": {name: describe(m) for name, m in modes.items()},
         "rows": rows, "lossless_failures": run.lossless_failures(rows), "records": records,
     }
     if samples and "code" in task_names and quality is not None:
         code = [p for p in prompts if p[0] == "code"]
-        result["sampled"] = sampled_code(modes, params, code, refs, max_new, samples, text)
+        result["sampled"] = sampled_code(modes, params, code, refs, max_new["code"], samples, text)
     if peer_limit and gguf is not None:
         few = [p for t in task_names for p in [q for q in prompts if q[0] == t][:peer_limit]]
         st_hf, rec_hf = peers.hf(hf_python, gguf, few, max_new, early_exit=cfg.n_layers // 2)

@@ -6,10 +6,12 @@
     python scripts/benchmark.py --from-json bench-out/benchmark.json --update BENCHMARKS.md   # report only
 
 Default sample counts (chosen so the default run fits 30 minutes on a 2-core CPU): 8 aclsum test abstracts
-(1-shot), 8 HumanEval odd tasks, 8 MT-Bench first turns, 128 new tokens each, every mode once per prompt
-(interleaved), then the peers on the first 2 prompts of each task. Writes DIR/benchmark.json (every raw figure),
-DIR/benchmark.md and PNG plots; ``--update FILE`` splices the section into FILE. Quality metrics need
-``pip install -e '.[bench]'``; peers need torch+transformers (``--hf-python``) or llama-cpp-python.
+(1-shot), 8 HumanEval odd tasks, 8 MT-Bench first turns, 128 new tokens at most (256 for code: SmolLM2 closes its
+fenced answer within ~40-60 tokens and stops by ~90-135, so no function is cut; HumanEval's stop sequences then trim
+what follows it, the same for every mode), every mode once per prompt (interleaved), then the peers on the first 2
+prompts of each task. Writes DIR/benchmark.json (every raw figure), DIR/benchmark.md and PNG plots; ``--update FILE``
+splices the section into FILE. Quality metrics need ``pip install -e '.[bench]'``; peers need llama-cpp-python
+(``.[llama]``) or a Python with torch + transformers + gguf (``.[hf]``, passed as ``--hf-python``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from jaxspec.profile import PROFILE_NAME, load_profile  # noqa: E402
 
 DEFAULT_LIMIT = 8
 DEFAULT_PEER_LIMIT = 2
+CODE_MAX_NEW = 256
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,7 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--modes", default=",".join(modes_mod.MODES),
                     help=f"comma-separated, from {', '.join(modes_mod.MODES)} (ar always runs)")
     ap.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="prompts per task (default %(default)s)")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="new tokens at most, summarization and chat "
+                    "(default %(default)s)")
+    ap.add_argument("--code-max-new-tokens", type=int, default=CODE_MAX_NEW,
+                    help="new tokens at most for code (default %(default)s: room for a whole HumanEval function)")
     ap.add_argument("--out", default="bench-out", help="output directory (default %(default)s)")
     ap.add_argument("--update", metavar="FILE", help="splice the generated section into this markdown file")
     ap.add_argument("--hf-python", help="Python of a venv with torch + transformers + gguf for the HF peer rows")
@@ -86,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [t for t in task_names if t not in TASKS]
     if bad or not task_names:
         raise ValueError(f"unknown task(s) {', '.join(bad) or '(none)'}: choose from {', '.join(TASKS)}")
-    if args.limit < 1 or args.max_new_tokens < 1 or args.peer_limit < 0 or args.samples < 0:
-        raise ValueError("--limit and --max-new-tokens must be >= 1, --peer-limit and --samples >= 0")
+    if min(args.limit, args.max_new_tokens, args.code_max_new_tokens) < 1 or min(args.peer_limit, args.samples) < 0:
+        raise ValueError("--limit and --(code-)max-new-tokens must be >= 1, --peer-limit and --samples >= 0")
     from jaxspec.bench import suite  # after argument checks: imports JAX models
 
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
@@ -103,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     gguf = smollm2_gguf_path() if peer_limit and args.ckpt == "smollm2-135m" else None
     shown = [a if a != args.hf_python else "PYTHON_WITH_TORCH" for a in (argv if argv is not None else sys.argv[1:])]
     command = "python scripts/benchmark.py " + shlex.join(shown)  # no machine paths in the committed report
+    max_new = {t: args.code_max_new_tokens if t == "code" else args.max_new_tokens for t in task_names}
     res = suite.benchmark(args.ckpt, cfg, params, tok, modes, task_names, dict.fromkeys(task_names, args.limit),
-                          args.max_new_tokens, peer_limit, gguf, args.hf_python, command.strip(), args.samples)
+                          max_new, peer_limit, gguf, args.hf_python, command.strip(), args.samples)
     write_reports(res, out, args.update)
     for line in res["lossless_failures"]:
         print(f"error: greedy output differs from AR: {line}", file=sys.stderr)
