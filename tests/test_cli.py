@@ -202,7 +202,8 @@ def test_drafter_skip_uses_the_shipped_profiles_self_draft(files, tmp_path, caps
     save_profile(shipped / "tiny.json", Profile(mask=SkipMask(), drafter="ngram", ngram=(2, 3, 5), speedup=1.2,
                                                 model_id=model_id(CFG), self_draft=self_draft))
     monkeypatch.setattr(profile, "SHIPPED", shipped)
-    base = ["--ckpt", str(files["ckpt"]), "--prompt", "one two one two one", "--max-new-tokens", "12", "--json", "--verbose"]
+    base = ["--ckpt", str(files["ckpt"]), "--prompt", "one two one two one", "--max-new-tokens", "12", "--json",
+            "--verbose"]
     assert cli.run(script("generate"), base) == 0
     out, err = capsys.readouterr()
     assert json.loads(out.splitlines()[-1])["stats"]["drafter"] == "ngram" and "n-gram 2..3 tokens, k=5" in err
