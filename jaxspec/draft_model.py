@@ -61,6 +61,9 @@ class DraftSpec:
         return cls(str(d.get("precision", "float32")), int(d.get("head", 0)), int(d.get("min_rows", 0)))
 
 
+FULL = DraftSpec()  # the checkpoint's own layers and head
+
+
 def rank_tokens(texts: list[list[int]], vocab_size: int) -> np.ndarray:
     """Every token id, most frequent in ``texts`` (token id lists, e.g. the model's own continuations of
     calibration prompts) first; ties and unseen tokens in id order (byte-pair merge order, roughly frequency)."""
@@ -191,20 +194,30 @@ def draft_forward(params: Params, cfg: Config, tokens: Array, cache: KVCache, sk
     ``skip``. A narrow head's logits are scattered back to vocabulary ids; the tokens outside it get -inf, so the
     draft's argmax and distribution are over real token ids (verify keeps the whole vocabulary: still lossless).
     """
-    draft = params.draft
     if spec is None:
         return forward(params, cfg, tokens, cache, skip)
+    x, cache = draft_hidden(params, cfg, tokens, cache, skip, spec)
+    return draft_head(params, cfg, x, spec), cache
+
+
+def draft_hidden(params: Params, cfg: Config, tokens: Array, cache: KVCache, skip: SkipMask,
+                 spec: DraftSpec) -> tuple[Array, KVCache]:
+    """The draft's final-norm hidden states (its layers at ``spec.precision``) and the cache with its K/V written."""
+    draft = params.draft
     if draft is None:
         raise ValueError(f"a {spec} draft needs its copy in the params: draft_model.with_draft(params, cfg, spec)")
-    rows = spec.rows
     if draft.layers is None:
-        x, cache = hidden(params, cfg, tokens, cache, skip)
-    else:
-        x, cache = _hidden(draft, params, cfg, tokens, cache, skip, rows)
-    if draft.head is None:
-        return logits_of(params, x), cache
-    logits = qdot(x, draft.head, rows)
+        return hidden(params, cfg, tokens, cache, skip)
+    return _hidden(draft, params, cfg, tokens, cache, skip, spec.rows)
+
+
+def draft_head(params: Params, cfg: Config, x: Array, spec: DraftSpec) -> Array:
+    """The draft head's float32 logits over the whole vocabulary (-inf outside a narrow head)."""
+    draft = params.draft
+    if draft is None or draft.head is None:
+        return logits_of(params, x)
+    logits = qdot(x, draft.head, spec.rows)
     if draft.head_ids is None:
-        return logits, cache
+        return logits
     full = jnp.full((*logits.shape[:-1], cfg.vocab_size), -jnp.inf, jnp.float32)
-    return full.at[..., draft.head_ids].set(logits), cache
+    return full.at[..., draft.head_ids].set(logits)

@@ -1,12 +1,18 @@
 """Profiles: the drafter a checkpoint decodes with (skip mask, θ, ``max_draft``, n-gram settings), bound to one model,
 and the rule that adopts a configuration only on evidence.
 
-A profile is JSON beside the checkpoint (``skip_profile.json``). ``model_id`` hashes the config and weight shapes so a
-profile made for another model is refused. Named presets hold the masks the paper's authors published.
+A profile is JSON beside the checkpoint (``skip_profile.json``); the project ships the searched profiles of its
+default checkpoints in ``jaxspec/profiles/`` (found by ``model_id``), used when the checkpoint has none
+(``find_profile``). ``model_id`` hashes the config and weight shapes so a profile made for another model is refused.
+A profile holds the configuration that won on its device (what decoding with no mode flags uses; AR when
+``use_ssd`` is false) and its best self-draft (``self_draft``: mask, draft precision and head, ``max_draft``, θ₀ and
+its measured speedup, even below 1), which ``--drafter skip`` uses. Named presets hold the masks the paper's authors
+published.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -21,6 +27,7 @@ from jaxspec.files import atomic_write
 from jaxspec.model import param_shapes
 
 PROFILE_NAME = "skip_profile.json"
+SHIPPED = Path(__file__).parent / "profiles"  # searched profiles of the default checkpoints (package data)
 ADOPT_MARGIN = 0.03  # a configuration must beat AR by 3% at its lower bound to be adopted
 
 # Draft & Verify's published masks (their repository's skip_layers.json), 0-based layer indices.
@@ -82,22 +89,40 @@ class Profile:
     drafter: str = "skip"  # speculative.DRAFTERS: skip, ngram or hybrid
     ngram: tuple[int, int, int] = (2, 4, 8)  # n-gram min, max and proposal length k
     speedup: float | None = None  # measured speedup over AR that adopted it
+    # The best self-draft measured (drafter skip): mask, threshold, max_draft, draft (DraftSpec.to_json), speedup...
+    self_draft: dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)  # measurements, device, search trace, ...
 
     def to_json(self) -> dict[str, Any]:
         return {"model_id": self.model_id, "mask": self.mask.to_json(), "threshold": self.threshold,
                 "max_draft": self.max_draft, "use_ssd": self.use_ssd, "drafter": self.drafter,
-                "ngram": list(self.ngram), "speedup": self.speedup, **self.info}
+                "ngram": list(self.ngram), "speedup": self.speedup,
+                **({"self_draft": self.self_draft} if self.self_draft is not None else {}), **self.info}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Profile:
         validate.profile(d)  # the rules of --threshold and --max-draft hold for a file's values too
-        known = {"model_id", "mask", "threshold", "max_draft", "use_ssd", "drafter", "ngram", "speedup"}
+        known = {"model_id", "mask", "threshold", "max_draft", "use_ssd", "drafter", "ngram", "speedup", "self_draft"}
         return cls(mask=SkipMask.from_json(d["mask"]), threshold=float(d.get("threshold", 0.6)),
                    max_draft=int(d.get("max_draft", 12)), model_id=d.get("model_id"),
                    use_ssd=bool(d.get("use_ssd", True)), drafter=str(d.get("drafter", "skip")),
                    ngram=tuple(int(x) for x in d.get("ngram", (2, 4, 8))), speedup=d.get("speedup"),
-                   info={k: v for k, v in d.items() if k not in known})
+                   self_draft=d.get("self_draft"), info={k: v for k, v in d.items() if k not in known})
+
+    def for_drafter(self, drafter: str) -> Profile:
+        """The settings ``--drafter drafter`` decodes with: the best self-draft's mask, draft, ``max_draft`` and θ₀
+        for model drafts (skip, hybrid) unless this profile won with that very drafter; otherwise this profile."""
+        sd = self.self_draft
+        if drafter == "ngram" or drafter == self.drafter or sd is None:
+            return self
+        return dataclasses.replace(self, mask=SkipMask.from_json(sd["mask"]), threshold=float(sd["threshold"]),
+                                   max_draft=int(sd["max_draft"]), drafter=drafter, speedup=sd.get("speedup"),
+                                   info={**self.info, "draft": sd.get("draft") or {}})
+
+    @property
+    def has_self_draft(self) -> bool:
+        """Whether model drafts (skip, hybrid) have a mask to use: its own (it won as skip/hybrid) or ``self_draft``."""
+        return self.self_draft is not None or self.drafter != "ngram"
 
 
 # What a checkpoint without a profile decodes with: n-gram drafting (a lookup, and one plain step where nothing
@@ -125,6 +150,25 @@ def load_profile(path: str | Path, cfg: Config) -> Profile:
                          f"this checkpoint is {model_id(cfg)})")
     prof.mask.validate(cfg.n_layers)
     return prof
+
+
+def shipped_profile(cfg: Config, where: Path | None = None) -> Profile | None:
+    """The project's searched profile for this model (``jaxspec/profiles/*.json`` with its ``model_id``), or None."""
+    mid = model_id(cfg)
+    for path in sorted((where or SHIPPED).glob("*.json")):
+        try:
+            if json.loads(path.read_text()).get("model_id") == mid:
+                return load_profile(path, cfg)
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
+
+
+def find_profile(ckpt_dir: Path, cfg: Config, where: Path | None = None) -> Profile | None:
+    """The checkpoint's own profile (``ckpt_dir/skip_profile.json``), else the shipped one for its model, else None
+    (the caller then decodes with ``DEFAULT``)."""
+    own = Path(ckpt_dir) / PROFILE_NAME
+    return load_profile(own, cfg) if own.exists() else shipped_profile(cfg, where)
 
 
 def save_profile(path: str | Path, prof: Profile) -> None:

@@ -188,6 +188,14 @@ def profile(d: Any) -> dict[str, Any]:
         raise ValueError(f"'ngram' must be [min, max, k], got {show(ngram)}")
     for name, v in zip(("ngram_min", "ngram_max", "ngram_k"), ngram, strict=True):
         value(name, v, f"'ngram' {name.split('_')[1]}")
+    draft = d.get("draft", {})
+    if not isinstance(draft, dict) or set(draft) - {"precision", "head", "min_rows"}:
+        raise ValueError(f"'draft' must be an object with 'precision', 'head', 'min_rows', got {show(draft)}")
+    if "self_draft" in d:
+        try:
+            profile(d["self_draft"])
+        except ValueError as e:
+            raise ValueError(f"'self_draft': {e}") from None
     return d
 
 

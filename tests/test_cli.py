@@ -57,6 +57,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
         save_profile(f[name], Profile(mask=SkipMask(attn=(1,)), model_id=model_id(CFG)))
         prof = json.loads(f[name].read_text())
         f[name].write_text(json.dumps({**prof, **change}).replace('"NaN"', "NaN"))
+    f["ngram_only"] = d / "ngram_only.json"  # a profile that won with n-gram drafting and has no self-draft
+    save_profile(f["ngram_only"], Profile(mask=SkipMask(), drafter="ngram", model_id=model_id(CFG)))
     (d / "README.md").write_text("# my notes\n\nnot results\n")
     (d / "in.jsonl").write_text('{"id": 1, "prompt": "hi"}\n')
     (d / "surrogate.jsonl").write_text('{"id": 1, "prompt": "hi"}\n{"id": 2, "prompt": "bad \\ud800 text"}\n')
@@ -97,6 +99,10 @@ BAD = [
     ("generate", ["--prompt", "hi", "--ckpt", "{ckpt}", "--skip-attn", "a,b"], "comma-separated layer indices"),
     ("generate", ["--prompt", "hi", "--ckpt", "{ckpt}", "--skip-mlp", "9"], "layers [9] outside 0..3"),
     ("generate", ["--prompt", "hi", "--ckpt", "{ckpt}", "--mesh", "0x1"], "mesh '0x1' is not DATAxMODEL"),
+    ("generate", ["--prompt", "hi", "--ckpt", "{ckpt}", "--drafter", "ngram", "--draft-precision", "int8"],
+     "--draft-precision and --draft-head shape model drafts"),
+    ("generate", ["--prompt", "hi", "--ckpt", "{ckpt}", "--skip-profile", "{ngram_only}", "--drafter", "skip"],
+     "the skip drafter needs a skip mask"),
     ("generate", ["--input", "{dir}/in.jsonl", "--output", "{dir}/README.md", "--ckpt", "{ckpt}"],
      "line 1 is not a batch result"),
     ("generate", ["--input", "{dir}/in.jsonl", "--output", "{dir}/../{dirname}/in.jsonl", "--ckpt", "{ckpt}"],
@@ -123,6 +129,8 @@ BAD = [
     ("search_skip", ["--ckpt", "tiny", "--repeats", "1" * 30], "--repeats must be in 1..10000"),
     ("search_skip", ["--ckpt", "tiny", "--calib", "{dir}/missing.jsonl"], "not found"),
     ("search_skip", ["--ckpt", "no-such-model"], "unknown checkpoint"),
+    ("search_skip", ["--ckpt", "tiny", "--precisions", "int4"], "--precisions takes a comma-separated subset"),
+    ("search_skip", ["--ckpt", "tiny", "--heads", "4k"], "--heads takes comma-separated token counts"),
     ("plan", ["--batch", "0"], "--batch must be in 1..65536, got 0"),
     ("plan", ["--max-len", "0"], "--max-len must be in 1..16777216, got 0"),
     ("plan", ["--mesh", "0x8"], "mesh '0x8' is not DATAxMODEL"),
@@ -180,6 +188,30 @@ def test_one_row_runs_one_wide_and_a_closed_pipe_ends_quietly(files, tmp_path, c
     p.stdout.close()
     err = p.stderr.read().decode()
     assert p.wait(timeout=300) == 0 and not err, err
+
+
+def test_drafter_skip_uses_the_shipped_profiles_self_draft(files, tmp_path, capsys, monkeypatch):
+    """No profile beside the checkpoint: the shipped one for its model decides. With no flags its winner (n-gram
+    here) decodes; ``--drafter skip`` decodes with its best self-draft (mask, int8 draft, narrow head, max_draft),
+    greedily identical to AR."""
+    import jaxspec.profile as profile
+
+    shipped = tmp_path / "profiles"
+    self_draft = {"mask": {"attn": [1], "mlp": [2]}, "threshold": 0.5, "max_draft": 3, "speedup": 0.8,
+                  "draft": {"precision": "int8", "head": 1000, "min_rows": 0}}
+    save_profile(shipped / "tiny.json", Profile(mask=SkipMask(), drafter="ngram", ngram=(2, 3, 5), speedup=1.2,
+                                                model_id=model_id(CFG), self_draft=self_draft))
+    monkeypatch.setattr(profile, "SHIPPED", shipped)
+    base = ["--ckpt", str(files["ckpt"]), "--prompt", "one two one two one", "--max-new-tokens", "12", "--json",
+            "--verbose"]
+    assert cli.run(script("generate"), base) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.splitlines()[-1])["stats"]["drafter"] == "ngram" and "n-gram 2..3 tokens, k=5" in err
+    assert cli.run(script("generate"), [*base, "--mode", "ssd", "--drafter", "skip", "--compare"]) == 0
+    out, err = capsys.readouterr()
+    stats = json.loads(out.splitlines()[-1])["stats"]
+    assert stats["drafter"] == "skip" and stats["identical"], stats
+    assert f"skip mask {SkipMask(attn=(1,), mlp=(2,))}" in err and "draft: int8, head 1000" in err, err
 
 
 def test_ctrl_c_mid_conversion_leaves_nothing(tmp_path):

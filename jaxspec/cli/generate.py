@@ -30,7 +30,7 @@ from jaxspec.checkpoint import CheckpointError, cache_dir, load, resolve  # noqa
 from jaxspec.config import SkipMask  # noqa: E402
 from jaxspec.decode import Decoder, Result, generate, result_stats  # noqa: E402
 from jaxspec.draft_model import PRECISIONS, DraftSpec, with_draft  # noqa: E402
-from jaxspec.profile import DEFAULT, PROFILE_NAME, Profile, load_profile  # noqa: E402
+from jaxspec.profile import DEFAULT, Profile, find_profile, load_profile  # noqa: E402
 from jaxspec.sampling import Sampling  # noqa: E402
 from jaxspec.sharding import MeshDecoder, make_mesh, param_sharding_fn  # noqa: E402
 from jaxspec.speculative import DRAFTERS, SpecDecoder  # noqa: E402
@@ -83,14 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def pick_profile(args: argparse.Namespace, cfg, ckpt_dir: Path) -> Profile | None:  # noqa: ANN001
-    """The skip profile to use: explicit flags, an explicit profile, or the checkpoint's own; None if none."""
+    """The skip profile to use: explicit flags, an explicit profile, the checkpoint's own, or the project's shipped
+    one for this model (``profile.find_profile``); None if none (the caller then uses ``DEFAULT``)."""
     if args.skip_attn or args.skip_mlp:
         mask = SkipMask(layers(args.skip_attn, "--skip-attn"), layers(args.skip_mlp, "--skip-mlp"))
         return Profile(mask=mask.validate(cfg.n_layers))
     if args.skip_profile:
         return load_profile(args.skip_profile, cfg)
-    own = ckpt_dir / PROFILE_NAME
-    return load_profile(own, cfg) if own.exists() else None
+    return find_profile(ckpt_dir, cfg)
 
 
 def draft_choice(args: argparse.Namespace, prof: Profile) -> tuple[DraftSpec | None, list[int] | None]:
@@ -148,15 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     mode = args.mode or ("ssd" if args.drafter else (prof or DEFAULT).use_ssd and "ssd" or "ar")
     if args.mode is None and not args.drafter and not (prof or DEFAULT).use_ssd:
         log(f"ar: {'the profile' if prof else 'the default'} found no drafter faster than AR on its device")
-    if (mode == "ssd" or args.compare) and drafter != "ngram" and prof is None:
+    if (mode == "ssd" or args.compare) and drafter != "ngram" and (prof is None or not prof.has_self_draft):
         raise ValueError(f"the {drafter} drafter needs a skip mask: --skip-attn/--skip-mlp, --skip-profile, or a "
                          "profile beside the checkpoint (python scripts/search_skip.py); or use --drafter ngram")
+    if drafter == "ngram" and (args.draft_precision or args.draft_head):
+        raise ValueError("--draft-precision and --draft-head shape model drafts: use them with --drafter skip or "
+                         "hybrid, not ngram")
     eos = tuple(tok.eos_ids) or cfg.eos_ids
     ar = Decoder(cfg, sampling, eos)
-    base = prof or DEFAULT
+    base = (prof or DEFAULT).for_drafter(drafter)  # --drafter skip: the profile's best self-draft
     ngram = [a if a is not None else b for a, b in zip((args.ngram_min, args.ngram_max, args.ngram_k), base.ngram,
                                                        strict=True)]
-    spec, ranking = draft_choice(args, base)
+    spec, ranking = draft_choice(args, base) if drafter != "ngram" else (None, None)
     ssd = SpecDecoder(cfg, sampling, eos, skip=base.mask if drafter != "ngram" else SkipMask(),
                       max_draft=args.max_draft or base.max_draft, adaptive=not args.fixed_threshold, drafter=drafter,
                       ngram_min=ngram[0], ngram_max=ngram[1], ngram_k=ngram[2],  # checks the settings (ValueError)

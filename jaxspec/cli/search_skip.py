@@ -1,13 +1,16 @@
-"""Search which sublayers the self-speculative draft skips, for one checkpoint on this device; write its profile.
+"""Search the self-speculative draft (skipped sublayers × draft precision × head width × max_draft × θ₀) for one
+checkpoint on this device, time the best ones against the n-gram drafter, hybrid and AR; write its profile.
 
     python scripts/search_skip.py --ckpt smollm2-135m                    # GP search, 60 masks, builtin prompts
     python scripts/search_skip.py --ckpt smollm2-135m --budget 100 --calib my_prompts.jsonl --out prof.json
     python scripts/search_skip.py --ckpt smollm2-135m --bench            # + random search and baselines, timed
 
-A proxy (teacher-forced draft agreement replayed through the adaptive draft policy, times a measured cost model)
-scores each mask without compiling it; the best ``--top`` masks are then compiled and timed end to end against
-autoregressive decoding, and the profile (``checkpoints/NAME/skip_profile.json`` by default) records the measured
-numbers. If no mask beats AR here, the profile says ``use_ssd: false`` and ``scripts/generate.py`` decodes with AR.
+A proxy (teacher-forced draft agreement replayed through the adaptive draft policy, times a per-component measured
+cost model) scores each mask at every draft precision and head width without compiling it; the best ``--top``
+self-drafts, the n-gram drafter and hybrid are then compiled and timed end to end against autoregressive decoding,
+and the profile (``checkpoints/NAME/skip_profile.json`` by default) records the measured numbers: the winner (what
+``scripts/generate.py`` uses with no mode flags; ``use_ssd: false``, i.e. AR, when nothing beats AR by 3% in every
+round) and the best self-draft (what ``--drafter skip`` uses).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ exit_on_interrupt()  # Ctrl-C during the slow imports below: exit 130, no traceb
 from jaxspec import cli, validate  # noqa: E402
 from jaxspec.checkpoint import CheckpointError, load, resolve  # noqa: E402
 from jaxspec.data import calibration  # noqa: E402
+from jaxspec.draft_model import PRECISIONS  # noqa: E402
 from jaxspec.profile import PROFILE_NAME, save_profile  # noqa: E402
 from jaxspec.search import SearchOptions, plot, search  # noqa: E402
 
@@ -45,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"prompts timed end to end (default {d.real_prompts})")
     ap.add_argument("--repeats", type=int, default=d.repeats, help=f"interleaved timing rounds (default {d.repeats})")
     ap.add_argument("--margin", type=float, default=d.margin, help="use SSD only if each round's speedup >= 1 + margin")
+    ap.add_argument("--precisions", default=",".join(d.precisions),
+                    help=f"draft weight precisions searched (default {','.join(d.precisions)})")
+    ap.add_argument("--heads", default=",".join(map(str, d.heads)),
+                    help="draft head widths searched, most frequent tokens (0 = whole vocabulary; default "
+                         f"{','.join(map(str, d.heads))})")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--bench", action="store_true",
                     help="also run the other method at the same budget and time the baselines for real")
@@ -57,6 +66,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     validate.flags(args)
+    precisions = tuple(p for p in args.precisions.split(",") if p)
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad or not precisions:
+        raise ValueError(f"--precisions takes a comma-separated subset of {','.join(PRECISIONS)}, "
+                         f"got {args.precisions!r}")
+    try:
+        heads = tuple(int(w) for w in args.heads.split(","))
+    except ValueError:
+        raise ValueError(f"--heads takes comma-separated token counts, got {args.heads!r}") from None
+    if not heads or min(heads) < 0:
+        raise ValueError(f"--heads takes token counts >= 0 (0: the whole vocabulary), got {args.heads!r}")
     rows = calibration(args.calib)
     ckpt_dir = resolve(args.ckpt)
     cfg, params, tok = load(args.ckpt)
@@ -68,16 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     eos = tuple(tok.eos_ids) or cfg.eos_ids
     opts = SearchOptions(budget=args.budget, method=args.method, max_new=args.max_new, top=args.top,
                          real_prompts=args.real_prompts, repeats=args.repeats, margin=args.margin, seed=args.seed,
-                         bench=args.bench)
+                         bench=args.bench, precisions=precisions, heads=heads)
     res = search(params, cfg, prompts, eos, opts, progress=not args.no_progress, calib_name=args.calib)
     out = args.out or ckpt_dir / PROFILE_NAME
     save_profile(out, res.profile)
     note = plot(res.profile, args.plot or out.with_suffix(".png"))
     info, p = res.profile.info, res.profile
-    summary = {"profile": str(out), "use_ssd": p.use_ssd, "mask": p.mask.to_json(), "max_draft": p.max_draft,
-               "threshold": p.threshold, "speedup": info["speedup"], "predicted_speedup": info["predicted_speedup"],
-               "ar_tokens_per_s": info["ar_tokens_per_s"], "ssd_tokens_per_s": info["ssd_tokens_per_s"],
-               "acceptance_rate": info["acceptance_rate"], **res.report, "plot": note}
+    summary = {"profile": str(out), "use_ssd": p.use_ssd, "winner": info["winner"], "self_draft": p.self_draft,
+               "ar_tokens_per_s": info["ar_tokens_per_s"],
+               "measured": {t["label"]: t["speedup"] for t in info["candidates"][1:]}, **res.report, "plot": note}
     if "bench" in info:
         b = info["bench"]
         summary["bench"] = {**{k: v for k, v in b.items() if k != "other_trace"},

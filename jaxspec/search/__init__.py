@@ -12,24 +12,27 @@ per mask, and only the best few candidates are compiled and timed for real:
    what the draft sees for its first token of a cycle (later drafts of a cycle see their own KV; ignored).
 3. ``simulate.simulate``: replay the draft policy (stop below θ, at ``max_draft`` or at the budget; the adaptive θ rule)
    over those per-position agreements and confidences: drafts, accepted tokens and draft steps per cycle.
-4. ``cost.CostModel``: a draft step's time is linear in the sublayers kept (timed once: full step, all attention
-   skipped, all MLP skipped) and a verify pass's time is timed per chunk length, all relative to an AR step and
-   interleaved so machine noise hits them alike. Predicted speedup = AR step time × tokens / cycle time.
-5. ``timing.measure``: the top candidates are compiled and timed end to end against AR (warm-up excluded, interleaved
-   repeats, medians) and the profile records those real numbers.
+   The draft is also searched at lower precision (int8, bfloat16: ``draft_model``'s copy) and with a narrow head
+   (the most frequent tokens of those continuations); every head width is read off one pass per precision.
+4. ``costmodel.CostModel`` (``jaxspec/costmodel.py``): per component, relative to an AR step and timed in
+   interleaved rounds: the draft's layers at each precision (linear in the sublayers kept), its head at each width,
+   verify passes per chunk length. Predicted speedup = AR step time × tokens / cycle time (``simulate.predict``).
+5. ``timing.measure``: the top self-drafts, the n-gram drafter and hybrid are compiled and timed end to end against
+   AR (warm-up excluded, interleaved repeats, medians); the profile records those real numbers, the winner (adopted
+   only when every round beats AR by 3%) and the best self-draft.
 
 ``optimize`` holds the GP, ``masks`` the encoding of masks as points and the starting points, ``run`` the whole
 search, ``plot`` and ``device`` what goes into the profile's report.
 """
 
+from jaxspec.costmodel import CostModel, measure_costs
 from jaxspec.search.calibrate import Calibration, calibrate, fit_prompts
-from jaxspec.search.cost import CostModel, Prediction, measure_costs, predict
 from jaxspec.search.masks import mask_to_x, starting_points, x_to_mask
 from jaxspec.search.optimize import optimize, random_masks
 from jaxspec.search.plot import plot
 from jaxspec.search.proxy import Proxy
 from jaxspec.search.run import SearchOptions, SearchResult, search
-from jaxspec.search.simulate import SimulatedRun, simulate
+from jaxspec.search.simulate import Prediction, SimulatedRun, predict, simulate
 from jaxspec.search.timing import Candidate, Timing, measure, robust_speedup
 
 __all__ = ["Calibration", "Candidate", "CostModel", "Prediction", "Proxy", "SearchOptions", "SearchResult",

@@ -33,6 +33,10 @@ def plot(profile: Profile, path: str | Path) -> str:
                  label=f"{name}: best so far, >= 1 sublayer skipped")
         ax2.plot([t["skipped"] for t in tr], [t["acceptance"] for t in tr], ".", alpha=0.6, label=name)
     for c in info["candidates"][1:]:
+        if c.get("drafter", "skip") != "skip":  # n-gram and hybrid: horizontal lines, not search points
+            ax1.axhline(c["speedup"], ls="--", lw=0.8, color="tab:green" if c["drafter"] == "ngram" else "tab:red",
+                        label=f"{c['label']}: measured")
+            continue
         idx = next((t["i"] for t in info["trace"] if SkipMask.from_json(t) == SkipMask.from_json(c["mask"])), None)
         if idx is not None:
             ax1.plot([idx], [c["speedup"]], "k*", ms=10)

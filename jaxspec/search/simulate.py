@@ -1,12 +1,16 @@
 """The draft policy (stop below θ, at ``max_draft`` or at the budget; the adaptive θ rule) replayed over
-per-position draft agreements."""
+per-position draft agreements, and the speedup it predicts with a ``costmodel.CostModel``."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from jaxspec.config import SkipMask
+from jaxspec.costmodel import CostModel
+from jaxspec.draft_model import FULL, DraftSpec
 from jaxspec.speculative import update_threshold
 
 
@@ -57,3 +61,40 @@ def simulate(agree: np.ndarray, conf: np.ndarray, lengths: np.ndarray, max_draft
             th2, m2 = update_threshold(th, m, n_acc, n_draft, K, xp=np)
             th, m = np.where(live, th2, th), np.where(live, m2, m)
         p = p + live * (n_acc + 1)
+
+
+@dataclass
+class Prediction:
+    speedup: float
+    max_draft: int
+    theta: float
+    acceptance: float  # accepted / drafted
+    tokens_per_cycle: float
+    draft_cost: float  # one draft step, in AR steps
+    spec: DraftSpec = FULL
+
+
+def predict(agree: np.ndarray, conf: np.ndarray, lengths: np.ndarray, mask: SkipMask, cost: CostModel,
+            n_layers: int, drafts: Sequence[int], thetas: Sequence[float], spec: DraftSpec = FULL) -> Prediction:
+    """Best predicted speedup over ``max_draft`` in ``drafts`` and initial θ in ``thetas`` for one mask and draft.
+
+    Speedup = AR time / SSD time summed over the prompts (what aggregate tokens/s compares): AR spends one step
+    per token, SSD per cycle its draft steps times the draft cost plus one verify pass.
+    """
+    d = cost.draft(mask, n_layers, spec)
+    nt = len(thetas)
+    A, F, Ls = np.tile(agree, (nt, 1)), np.tile(conf, (nt, 1)), np.tile(lengths, nt)
+    th = np.repeat(np.asarray(thetas, np.float64), len(lengths))
+    best = None
+    for K in drafts:
+        sim = simulate(A, F, Ls, K, th)
+        for j, theta in enumerate(thetas):
+            sl = slice(j * len(lengths), (j + 1) * len(lengths))
+            cyc, steps = sim.cycles[sl].sum(), sim.draft_steps[sl].sum()
+            speed = lengths.sum() / max(steps * d + cyc * cost.verify[K], 1e-9)
+            if best is None or speed > best.speedup:
+                acc = sim.accepted[sl].sum() / max(sim.drafted[sl].sum(), 1)
+                best = Prediction(float(speed), int(K), float(theta), float(acc), float(lengths.sum() / max(cyc, 1)),
+                                  float(d), spec)
+    assert best is not None, "no max_draft values given"
+    return best
