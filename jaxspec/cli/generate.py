@@ -24,7 +24,7 @@ exit_on_interrupt()  # Ctrl-C during the slow imports below: exit 130, no traceb
 
 import jax  # noqa: E402
 
-from jaxspec import cli, distributed, validate  # noqa: E402
+from jaxspec import aot, cli, distributed, validate  # noqa: E402
 from jaxspec.batch import run_batch_job  # noqa: E402
 from jaxspec.checkpoint import CheckpointError, cache_dir, load, resolve  # noqa: E402
 from jaxspec.config import SkipMask  # noqa: E402
@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     # Everything, however quick to compile: prefill buckets and small helpers also cost XLA:CPU time on a cold start.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    aot.enable(cache_dir() / "aot")  # and the prefill and decode executables themselves: no tracing on warm runs
     log = (lambda *a: print(*a, file=sys.stderr)) if args.verbose else (lambda *a: None)
 
     ckpt_dir = resolve(args.ckpt)
