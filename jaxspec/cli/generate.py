@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_dir = resolve(args.ckpt)
     mesh = make_mesh(args.mesh) if args.mesh else None
     t_load = time.perf_counter()
-    cfg, params, tok = load(args.ckpt, dtype=args.dtype, shardings=param_sharding_fn(mesh) if mesh else None)
+    cfg, params, tok = load(args.ckpt, dtype=args.dtype, shardings=param_sharding_fn(mesh) if mesh else None,
+                            fast_cache=None if mesh else cache_dir() / "weights")  # memory-mapped after the 1st run
     jax.block_until_ready(params)
     load_s = round(time.perf_counter() - t_load, 4)
     if tok is None:
