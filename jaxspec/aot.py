@@ -9,11 +9,13 @@ are not single-device ``jax.Array``s (``sharding.MeshDecoder``'s, Python scalars
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import pickle
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -23,15 +25,30 @@ import jax
 from jaxspec.files import atomic_write
 
 MAGIC = b"jaxspec-aot-1\n"
+RECENT = "recent.json"  # the keys the latest process used, in order: what ``enable(..., prefetch=True)`` loads
 _dir: Path | None = None
 _memo: dict[str, Any] = {}  # key -> jax.stages.Compiled, this process
+_used: list[str] = []  # keys this process used
+_pending: dict[str, Future] = {}  # key -> executable being loaded in the background
 
 
-def enable(directory: str | Path | None) -> None:
-    """Persist executables under ``directory`` (None: off, plain jit)."""
+def enable(directory: str | Path | None, prefetch: bool = False) -> None:
+    """Persist executables under ``directory`` (None: off, plain jit). ``prefetch``: start loading the executables
+    the latest process used in background threads (XLA deserializes them outside the GIL), so that they are ready
+    by the time the weights are."""
     global _dir
     _dir = Path(directory) if directory is not None else None
     _memo.clear()
+    _used.clear()
+    _pending.clear()
+    if prefetch and _dir is not None:
+        try:
+            keys = [k for k in json.loads((_dir / RECENT).read_text()) if isinstance(k, str) and k.isalnum()]
+        except (OSError, ValueError, TypeError):
+            return
+        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="aot-prefetch")
+        _pending.update({k: pool.submit(_load, k) for k in keys[:8]})
+        pool.shutdown(wait=False)
 
 
 @cache
@@ -69,7 +86,7 @@ def key(fn: Callable, args: Sequence[Any], static: tuple[int, ...]) -> str | Non
 
 def _path(k: str) -> Path:
     assert _dir is not None
-    return _dir / f"{k}.bin"
+    return _dir / (k if k == RECENT else f"{k}.bin")
 
 
 def _load(k: str) -> Any:
@@ -100,6 +117,24 @@ def _save(k: str, compiled: Any) -> None:
         pass
 
 
+def _note(k: str) -> None:
+    """Record that this process uses ``k`` (for the next process's prefetch)."""
+    _used.append(k)
+    with contextlib.suppress(OSError):
+        atomic_write(_path(RECENT), json.dumps(_used).encode())
+
+
+def _compile(fn: Callable, args: Sequence[Any]) -> Any:
+    """Compile ``fn`` for ``args`` afresh: an executable that XLA's persistent compilation cache supplied serializes
+    incompletely (loaded again, it fails with "Function ... not found"), so that cache is off for this one."""
+    was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        return fn.lower(*args).compile()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", was)
+
+
 def call(fn: Callable, *args: Any, static: tuple[int, ...] = ()) -> Any:
     """``fn(*args)`` for a ``jax.jit`` function with ``static_argnums=static``, through the persisted executable."""
     if _dir is None or not hasattr(fn, "lower"):
@@ -110,7 +145,8 @@ def call(fn: Callable, *args: Any, static: tuple[int, ...] = ()) -> Any:
     dynamic = [a for i, a in enumerate(args) if i not in static]
     exe = _memo.get(k)
     if exe is None:
-        exe = _load(k)
+        _note(k)
+        exe = _pending.pop(k).result() if k in _pending else _load(k)
         if exe is not None:
             try:
                 out = exe(*dynamic)  # a stale entry whose inputs disagree raises before running (nothing donated)
@@ -119,7 +155,7 @@ def call(fn: Callable, *args: Any, static: tuple[int, ...] = ()) -> Any:
             else:
                 _memo[k] = exe
                 return out
-        exe = fn.lower(*args).compile()
+        exe = _compile(fn, args)
         _save(k, exe)
         _memo[k] = exe
     return exe(*dynamic)

@@ -106,3 +106,44 @@ def test_damaged_entry_falls_back_and_is_rewritten(params, cache, loads, damage)
     loads.clear()
     assert generate(dec, params, [PROMPT], 10).tokens == cold.tokens
     assert loads == [True, True]
+
+
+def test_entry_written_after_xla_cache_hit_still_loads(params, cache, loads, tmp_path_factory):
+    """An executable from XLA's persistent compilation cache re-serializes without some kernels: aot compiles its
+    own entries afresh (regression: "Function bitcast_gather_fusion not found" on the next run)."""
+    import jax
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    try:
+        dec = Decoder(CFG, Sampling(temperature=0.9, top_k=20), (0,))  # shapes no other test compiled
+        aot.enable(None)
+        ref = generate(dec, params, [PROMPT + [7]], 11, seed=3).tokens  # fills XLA's cache
+        jax.clear_caches()
+        aot.enable(cache)
+        assert generate(dec, params, [PROMPT + [7]], 11, seed=3).tokens == ref  # XLA's cache hit; aot compiles
+        aot.enable(cache)
+        loads.clear()
+        assert generate(dec, params, [PROMPT + [7]], 11, seed=3).tokens == ref
+        assert loads == [True, True]
+    finally:
+        for n, v in old.items():
+            jax.config.update(n, v)
+
+
+def test_prefetch_loads_the_latest_runs_executables(params, cache, loads):
+    dec = Decoder(CFG, eos_ids=(0,))
+    cold = generate(dec, params, [PROMPT], 10)
+    aot.enable(cache, prefetch=True)  # the next process
+    assert len(aot._pending) == 2
+    loads.clear()
+    assert generate(dec, params, [PROMPT], 10).tokens == cold.tokens
+    assert loads == [True, True] and not aot._pending  # both loaded by the prefetch threads, both used
+    (cache / aot.RECENT).write_text("{not json")
+    aot.enable(cache, prefetch=True)
+    assert not aot._pending
+    assert generate(dec, params, [PROMPT], 10).tokens == cold.tokens

@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     # Everything, however quick to compile: prefill buckets and small helpers also cost XLA:CPU time on a cold start.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    aot.enable(cache_dir() / "aot")  # and the prefill and decode executables themselves: no tracing on warm runs
+    # And the prefill and decode executables themselves (no tracing on warm runs), loading the latest run's ones in
+    # the background while the weights load.
+    aot.enable(cache_dir() / "aot", prefetch=True)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.verbose else (lambda *a: None)
 
     ckpt_dir = resolve(args.ckpt)
