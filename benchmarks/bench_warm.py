@@ -43,15 +43,17 @@ def main() -> None:
         env = {**os.environ, "JAXSPEC_CACHE": tmp}
         cmd = [sys.executable, str(GENERATE), "--ckpt", args.ckpt, "--chat", "--prompt", args.prompt, "--mode", "ar",
                "--max-new-tokens", str(args.max_new_tokens), "--json"]
-        rows = []
+        rows, first = [], None
         for i in range(args.runs + 1):
             wall, cpu, out = timed(cmd, env)
             imp, imp_cpu, _ = timed([sys.executable, "-c", "import jax"], env)
-            stats = json.loads(out.strip().splitlines()[-1])["stats"]
+            res = json.loads(out.strip().splitlines()[-1])
+            stats, first = res["stats"], first or res["token_ids"]
             rows.append({"run": "cold" if i == 0 else "warm", "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
                          "import_jax_s": round(imp, 2), "import_jax_cpu_s": round(imp_cpu, 2),
                          **{k: stats[k] for k in ("load_s", "prefill_s", "compile_s", "ttft_s", "new_tokens",
-                                                  "tokens_per_s")}})
+                                                  "tokens_per_s")},
+                         "identical_to_cold": res["token_ids"] == first})
             print(json.dumps(rows[-1]), flush=True)
     warm = rows[1:]
     print(json.dumps({k: statistics.median(r[k] for r in warm) for k in warm[0] if k != "run"} | {"run": "warm median",
