@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec import fastweights
 from jaxspec.config import PRESETS, Config
 from jaxspec.convert import ConversionError, convert_tensors, gguf_config, iter_gguf, iter_hf
 from jaxspec.fetch import FetchError, cache_dir, fetch_wheel
@@ -478,12 +479,14 @@ def read_config(path: str | Path) -> Config:
         raise CheckpointError(f"{path}: invalid config ({_line(e)})") from e
 
 
-def load_checkpoint(path: str | Path, dtype: str | None = None,
-                    shardings: Shardings = None) -> tuple[Config, Params, Tokenizer | None]:
+def load_checkpoint(path: str | Path, dtype: str | None = None, shardings: Shardings = None,
+                    fast_cache: str | Path | None = None) -> tuple[Config, Params, Tokenizer | None]:
     """Restore ``(cfg, params, tokenizer)`` from a checkpoint directory.
 
     ``dtype`` None is float32 on CPU and the stored dtype elsewhere; a different dtype is cast on restore.
     ``shardings`` places each array (see ``Shardings``). The returned config's ``dtype`` is the loaded dtype.
+    ``fast_cache``: a directory for a memory-mapped copy of the parameters (``fastweights``), used instead of orbax
+    when it matches the checkpoint and (re)written from orbax's restore when not; one-device loads only.
     """
     path = Path(path)
     if not path.is_dir():
@@ -501,20 +504,21 @@ def load_checkpoint(path: str | Path, dtype: str | None = None,
     dtype = dtype or ("float32" if jax.default_backend() == "cpu" else cfg.dtype)
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    place = _sharding_fn(shardings)
-    target = {n: jax.ShapeDtypeStruct(s, jnp.dtype(dtype), sharding=place(n, s)) for n, s in stored.items()}
-    ocp = _orbax()
-    try:
-        with _quiet_absl(), ocp.StandardCheckpointer() as ckptr:
-            on_disk = ckptr.metadata(path / "params").item_metadata.tree
-            _check_params({n: m.shape for n, m in on_disk.items()}, cfg, f"{path / 'params'}")
-            flat = ckptr.restore(path / "params", target)
-    except CheckpointError:
-        raise
-    except Exception as e:  # orbax / tensorstore errors on missing, truncated or corrupt files
-        while e.__cause__ is not None:  # tensorstore's own error, not orbax's wrapper with a TensorStore repr
-            e = e.__cause__
-        raise CheckpointError(f"{path}: corrupt or truncated parameter data ({_line(e)})") from e
+    flat = None
+    if fast_cache is not None and shardings is None:
+        fast, sig = fastweights.path_for(Path(fast_cache), path, dtype), fastweights.signature(path, dtype)
+        flat = fastweights.read(fast, sig, jax.devices()[0])
+        if flat is not None and {n: tuple(a.shape) for n, a in flat.items()} != stored:
+            flat = None
+    if flat is None:
+        flat = _restore(path, cfg, stored, dtype, shardings)
+        if fast_cache is not None and shardings is None:
+            try:
+                fastweights.write(fast, sig, flat)
+            except OSError as e:  # a full or read-only cache: orbax again next time
+                print(f"jaxspec: could not write the fast weight copy {fast} ({_line(e)})", file=sys.stderr)
+            else:
+                flat = fastweights.read(fast, sig, jax.devices()[0]) or flat  # the same arrays as later runs get
     tokenizer = None
     if manifest.get("tokenizer"):
         try:
@@ -522,6 +526,25 @@ def load_checkpoint(path: str | Path, dtype: str | None = None,
         except Exception as e:
             raise CheckpointError(f"{path / 'tokenizer'}: unreadable tokenizer ({_line(e)})") from e
     return cfg.replace(dtype=dtype), params_from_flat(cfg, flat), tokenizer
+
+
+def _restore(path: Path, cfg: Config, stored: Mapping[str, tuple[int, ...]], dtype: str,
+             shardings: Shardings) -> dict[str, jax.Array]:
+    """The flat parameters restored by orbax, cast to ``dtype`` and placed by ``shardings``."""
+    place = _sharding_fn(shardings)
+    target = {n: jax.ShapeDtypeStruct(s, jnp.dtype(dtype), sharding=place(n, s)) for n, s in stored.items()}
+    ocp = _orbax()
+    try:
+        with _quiet_absl(), ocp.StandardCheckpointer() as ckptr:
+            on_disk = ckptr.metadata(path / "params").item_metadata.tree
+            _check_params({n: m.shape for n, m in on_disk.items()}, cfg, f"{path / 'params'}")
+            return ckptr.restore(path / "params", target)
+    except CheckpointError:
+        raise
+    except Exception as e:  # orbax / tensorstore errors on missing, truncated or corrupt files
+        while e.__cause__ is not None:  # tensorstore's own error, not orbax's wrapper with a TensorStore repr
+            e = e.__cause__
+        raise CheckpointError(f"{path}: corrupt or truncated parameter data ({_line(e)})") from e
 
 
 # ---- names ------------------------------------------------------------------------------------------------
@@ -551,9 +574,10 @@ def resolve(ckpt: str) -> Path:
                           "nor a directory")
 
 
-def load(ckpt: str, dtype: str | None = None, shardings: Shardings = None) -> tuple[Config, Params, Tokenizer | None]:
+def load(ckpt: str, dtype: str | None = None, shardings: Shardings = None,
+         fast_cache: str | Path | None = None) -> tuple[Config, Params, Tokenizer | None]:
     """``load_checkpoint(resolve(ckpt))``; a registered name must also match its preset's architecture."""
     path = resolve(ckpt)
     if ckpt in registry() and is_checkpoint(path):
         check_preset(read_config(path), registry()[ckpt]["preset"], f"checkpoint '{ckpt}' ({path})")
-    return load_checkpoint(path, dtype, shardings)
+    return load_checkpoint(path, dtype, shardings, fast_cache)

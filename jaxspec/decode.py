@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxspec import aot
 from jaxspec.config import Config
 from jaxspec.model import KVCache, Params, forward, hidden
 from jaxspec.sampling import Sampling, sample
@@ -91,7 +92,7 @@ class Decoder:
 
     def prefill_cache(self, params: Params, tokens: Array, cache: KVCache, lengths: Array) -> KVCache:
         """Write prompt ``tokens`` (B, T) into ``cache``; row lengths become ``lengths``."""
-        return _prefill(params, self.cfg, tokens, cache, lengths)
+        return aot.call(_prefill, params, self.cfg, tokens, cache, lengths, static=(1,))
 
     def append(self, state: State, new: Array, keep: Array) -> State:
         """Append tokens ``new`` (B, K) where ``keep`` (B, K) to ``state.out``, cutting at EOS and budget."""
@@ -238,6 +239,11 @@ class Result:
         return self.new_tokens / self.decode_s if self.decode_s > 0 else float("nan")
 
 
+def run(decoder: Decoder, params: Params, state: State, max_steps: Array) -> State:
+    """``decoder.run``, with the executable persisted across processes when ``aot`` is enabled."""
+    return aot.call(type(decoder).run, decoder, params, state, max_steps, static=(0,))
+
+
 def capacity_needed(decoder: Decoder, state: State) -> tuple[int, int]:
     """(slots the next step needs, slots the rest of the request needs) for ``state``'s cache (host values)."""
     lengths, rest = np.asarray(state.cache.lengths), np.asarray(state.budget - state.n_out)
@@ -252,7 +258,7 @@ def stream(decoder: Decoder, params: Params, state: State, steps_per_call: int =
     steps = 1
     while True:
         state = grow(state, *capacity_needed(decoder, state))
-        state = decoder.run(params, state, jnp.int32(steps))
+        state = run(decoder, params, state, jnp.int32(steps))
         steps = steps_per_call
         yield state
         if bool(jnp.all(state.done)):
@@ -270,7 +276,7 @@ def generate(decoder: Decoder, params: Params, prompts: list[list[int]], max_new
     t1 = time.perf_counter()
     # Compile, and run one throwaway step on a copy: XLA:CPU finishes compiling loop-body kernels at their first
     # execution, which would otherwise land in decode_s. (Cached after the first call.)
-    jax.block_until_ready(decoder.run(params, jax.tree.map(jnp.copy, state), jnp.int32(1)))
+    jax.block_until_ready(run(decoder, params, jax.tree.map(jnp.copy, state), jnp.int32(1)))
     t_compile = time.perf_counter() - t1
     t1 += t_compile
     final, t_first = state, None

@@ -46,3 +46,12 @@ def smollm2_gguf():
 def smollm2(smollm2_gguf):
     """``(cfg, params, tokenizer)`` of SmolLM2-135M-Instruct (converted into checkpoints/ on first use)."""
     return checkpoint.load("smollm2-135m")
+
+
+@pytest.fixture(autouse=True)
+def _aot_off():
+    """generate.py's ``main`` turns on the persisted executables (``jaxspec.aot``): off again after each test."""
+    yield
+    from jaxspec import aot
+
+    aot.enable(None)

@@ -24,7 +24,7 @@ exit_on_interrupt()  # Ctrl-C during the slow imports below: exit 130, no traceb
 
 import jax  # noqa: E402
 
-from jaxspec import cli, distributed, validate  # noqa: E402
+from jaxspec import aot, cli, distributed, validate  # noqa: E402
 from jaxspec.batch import run_batch_job  # noqa: E402
 from jaxspec.checkpoint import CheckpointError, cache_dir, load, resolve  # noqa: E402
 from jaxspec.config import SkipMask  # noqa: E402
@@ -130,12 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     # Everything, however quick to compile: prefill buckets and small helpers also cost XLA:CPU time on a cold start.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # And the prefill and decode executables themselves (no tracing on warm runs), loading the latest run's ones in
+    # the background while the weights load.
+    aot.enable(cache_dir() / "aot", prefetch=True)
     log = (lambda *a: print(*a, file=sys.stderr)) if args.verbose else (lambda *a: None)
 
     ckpt_dir = resolve(args.ckpt)
     mesh = make_mesh(args.mesh) if args.mesh else None
     t_load = time.perf_counter()
-    cfg, params, tok = load(args.ckpt, dtype=args.dtype, shardings=param_sharding_fn(mesh) if mesh else None)
+    cfg, params, tok = load(args.ckpt, dtype=args.dtype, shardings=param_sharding_fn(mesh) if mesh else None,
+                            fast_cache=None if mesh else cache_dir() / "weights")  # memory-mapped after the 1st run
     jax.block_until_ready(params)
     load_s = round(time.perf_counter() - t_load, 4)
     if tok is None:

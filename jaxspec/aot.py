@@ -1,0 +1,161 @@
+"""Compiled executables kept across processes: ``call(jitted, *args, static=...)`` runs ``jitted`` with an executable
+serialized by an earlier run when one matches, skipping Python tracing and lowering (a warm ``generate.py`` run).
+
+Off until ``enable(directory)`` (``generate.py`` does). An entry's key covers the function, its static arguments'
+``repr``, the dynamic arguments' tree, shapes, dtypes and placement, jax/jaxlib versions, backend, devices, compiler
+flags and the jaxspec sources; a missing, unreadable, corrupt or foreign file is ignored and rewritten. Inputs that
+are not single-device ``jax.Array``s (``sharding.MeshDecoder``'s, Python scalars) use plain jit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxspec.files import atomic_write
+
+MAGIC = b"jaxspec-aot-1\n"
+RECENT = "recent.json"  # the keys the latest process used, in order: what ``enable(..., prefetch=True)`` loads
+_dir: Path | None = None
+_memo: dict[str, Any] = {}  # key -> jax.stages.Compiled, this process
+_used: list[str] = []  # keys this process used
+_pending: dict[str, Future] = {}  # key -> executable being loaded in the background
+
+
+def enable(directory: str | Path | None, prefetch: bool = False) -> None:
+    """Persist executables under ``directory`` (None: off, plain jit). ``prefetch``: start loading the executables
+    the latest process used in background threads (XLA deserializes them outside the GIL), so that they are ready
+    by the time the weights are."""
+    global _dir
+    _dir = Path(directory) if directory is not None else None
+    _memo.clear()
+    _used.clear()
+    _pending.clear()
+    if prefetch and _dir is not None:
+        try:
+            keys = [k for k in json.loads((_dir / RECENT).read_text()) if isinstance(k, str) and k.isalnum()]
+        except (OSError, ValueError, TypeError):
+            return
+        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="aot-prefetch")
+        _pending.update({k: pool.submit(_load, k) for k in keys[:8]})
+        pool.shutdown(wait=False)
+
+
+@cache
+def _environment() -> str:
+    """Everything outside the call that decides the executable: versions, backend, devices, flags, our sources."""
+    import jaxlib
+
+    src = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for f in sorted(root.rglob("*.py")):
+        src.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    devs = jax.devices()
+    return json.dumps([jax.__version__, jaxlib.__version__, jax.default_backend(), devs[0].client.platform_version,
+                       [(d.id, d.device_kind) for d in devs], os.environ.get("XLA_FLAGS", ""),
+                       bool(jax.config.jax_enable_x64), str(jax.config.jax_default_matmul_precision),
+                       src.hexdigest()])
+
+
+def key(fn: Callable, args: Sequence[Any], static: tuple[int, ...]) -> str | None:
+    """The cache key of ``fn(*args)`` (None: not cacheable, use plain jit)."""
+    parts = [_environment(), f"{fn.__module__}.{fn.__qualname__}"]
+    for i in static:
+        r = repr(args[i])
+        if " at 0x" in r:  # an object without a value repr: equal-looking keys could mean different programs
+            return None
+        parts.append(r)
+    leaves, tree = jax.tree.flatten([a for i, a in enumerate(args) if i not in static])
+    parts.append(str(tree))
+    for x in leaves:
+        if not isinstance(x, jax.Array) or len(x.sharding.device_set) != 1:
+            return None
+        parts.append(f"{x.shape}{x.dtype}{x.aval.weak_type}{x.sharding}{x.committed}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _path(k: str) -> Path:
+    assert _dir is not None
+    return _dir / (k if k == RECENT else f"{k}.bin")
+
+
+def _load(k: str) -> Any:
+    """The executable stored under ``k``, or None if there is none or it cannot be used."""
+    from jax.experimental.serialize_executable import deserialize_and_load
+
+    try:
+        data = _path(k).read_bytes()
+        if not data.startswith(MAGIC):
+            return None
+        digest, payload = data[len(MAGIC) : len(MAGIC) + 32], data[len(MAGIC) + 32 :]
+        if hashlib.sha256(payload).digest() != digest:
+            return None  # truncated or corrupt
+        serialized, in_tree, out_tree = pickle.loads(payload)
+        return deserialize_and_load(serialized, in_tree, out_tree)
+    except Exception:  # noqa: BLE001 - any unreadable entry: compile again and overwrite it
+        return None
+
+
+def _save(k: str, compiled: Any) -> None:
+    from jax.experimental.serialize_executable import serialize
+
+    try:
+        payload = pickle.dumps(serialize(compiled), protocol=pickle.HIGHEST_PROTOCOL)
+        _path(k).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(_path(k), [MAGIC, hashlib.sha256(payload).digest(), payload])
+    except Exception:  # noqa: BLE001 - not serializable, or the cache is not writable: only later runs lose
+        pass
+
+
+def _note(k: str) -> None:
+    """Record that this process uses ``k`` (for the next process's prefetch)."""
+    _used.append(k)
+    with contextlib.suppress(OSError):
+        atomic_write(_path(RECENT), json.dumps(_used).encode())
+
+
+def _compile(fn: Callable, args: Sequence[Any]) -> Any:
+    """Compile ``fn`` for ``args`` afresh: an executable that XLA's persistent compilation cache supplied serializes
+    incompletely (loaded again, it fails with "Function ... not found"), so that cache is off for this one."""
+    was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        return fn.lower(*args).compile()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", was)
+
+
+def call(fn: Callable, *args: Any, static: tuple[int, ...] = ()) -> Any:
+    """``fn(*args)`` for a ``jax.jit`` function with ``static_argnums=static``, through the persisted executable."""
+    if _dir is None or not hasattr(fn, "lower"):
+        return fn(*args)
+    k = key(fn, args, static)
+    if k is None:
+        return fn(*args)
+    dynamic = [a for i, a in enumerate(args) if i not in static]
+    exe = _memo.get(k)
+    if exe is None:
+        _note(k)
+        exe = _pending.pop(k).result() if k in _pending else _load(k)
+        if exe is not None:
+            try:
+                out = exe(*dynamic)  # a stale entry whose inputs disagree raises before running (nothing donated)
+            except (TypeError, ValueError):
+                exe = None
+            else:
+                _memo[k] = exe
+                return out
+        exe = _compile(fn, args)
+        _save(k, exe)
+        _memo[k] = exe
+    return exe(*dynamic)

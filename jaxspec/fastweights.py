@@ -1,0 +1,97 @@
+"""A memory-mappable copy of a checkpoint's parameters, for fast warm loads (orbax stays the source of truth).
+
+One file per checkpoint directory and dtype: a JSON header (the checkpoint's signature; every array's name, dtype,
+shape and offset), then the raw arrays, each page-aligned. Loading maps the file read-only and hands each array to
+``jax.device_put``, which aliases aligned read-only host memory on XLA:CPU (no copy: pages are read on first use).
+The signature (manifest bytes, every parameter file's size and mtime) must match the checkpoint, else the copy is
+ignored and ``write`` replaces it (atomically).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MAGIC = b"jaxspec-weights-1\n"
+ALIGN = 4096
+
+
+def path_for(cache: Path, ckpt: Path, dtype: str) -> Path:
+    """The copy of checkpoint ``ckpt`` loaded as ``dtype`` under directory ``cache``."""
+    ckpt = ckpt.resolve()
+    return cache / f"{ckpt.name}-{hashlib.sha256(str(ckpt).encode()).hexdigest()[:16]}-{dtype}.bin"
+
+
+def signature(ckpt: Path, dtype: str) -> dict[str, Any]:
+    """What the copy must agree with: the manifest's hash and every parameter file's size and mtime."""
+    params = ckpt / "params"
+    files = sorted(p for p in params.rglob("*") if p.is_file())
+    return {"checkpoint": str(ckpt.resolve()), "dtype": dtype,
+            "manifest": hashlib.sha256((ckpt / "manifest.json").read_bytes()).hexdigest(),
+            "files": [[p.relative_to(params).as_posix(), (s := p.stat()).st_size, s.st_mtime_ns] for p in files]}
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def write(path: Path, sig: Mapping[str, Any], flat: Mapping[str, Any]) -> None:
+    """Write ``flat`` (name → array) with signature ``sig`` to ``path`` (atomically)."""
+    from jaxspec.files import atomic_write
+
+    arrays = {n: np.asarray(a) for n, a in flat.items()}
+    index, offset = {}, 0
+    for n, a in arrays.items():
+        index[n] = [str(a.dtype), list(a.shape), offset]
+        offset = _align(offset + a.nbytes)
+    head = json.dumps({"signature": sig, "arrays": index}).encode()
+    start = _align(len(MAGIC) + 8 + len(head))
+
+    def chunks() -> Iterator[bytes]:
+        yield MAGIC + struct.pack("<Q", len(head)) + head + bytes(start - len(MAGIC) - 8 - len(head))
+        pos = 0
+        for n, a in arrays.items():
+            yield bytes(index[n][2] - pos)
+            yield np.ascontiguousarray(a).tobytes()  # one array at a time
+            pos = index[n][2] + a.nbytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, chunks())
+
+
+def read(path: Path, sig: Mapping[str, Any], device: jax.Device) -> dict[str, jax.Array] | None:
+    """The arrays of the copy at ``path`` on ``device``, or None if it is missing, damaged or stale."""
+    try:
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+    try:
+        if mm[: len(MAGIC)] != MAGIC:
+            return None
+        (n,) = struct.unpack("<Q", mm[len(MAGIC) : len(MAGIC) + 8])
+        head = json.loads(mm[len(MAGIC) + 8 : len(MAGIC) + 8 + n])
+        if head["signature"] != sig:
+            return None
+        start = _align(len(MAGIC) + 8 + n)
+        index = head["arrays"]
+        end = max((start + off + int(np.prod(shape)) * jnp.dtype(dt).itemsize for dt, shape, off in index.values()),
+                  default=start)
+        if end > len(mm):
+            return None  # truncated
+        mm.madvise(mmap.MADV_WILLNEED)  # read ahead while the caller goes on
+        where = jax.sharding.SingleDeviceSharding(device)
+        return {name: jax.device_put(np.frombuffer(mm, jnp.dtype(dt), int(np.prod(shape)), start + off)
+                                     .reshape(shape), where)
+                for name, (dt, shape, off) in index.items()}
+    except (ValueError, KeyError, TypeError, struct.error):
+        return None

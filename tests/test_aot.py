@@ -1,0 +1,149 @@
+"""Persisted executables (``jaxspec.aot``): warm runs decode token-identically, keys separate what differs, and a
+damaged cache file falls back to compiling."""
+
+import jax.numpy as jnp
+import pytest
+import tinymodel
+
+from jaxspec import aot
+from jaxspec.config import SkipMask
+from jaxspec.decode import Decoder, _prefill, generate, prefill
+from jaxspec.sampling import Sampling
+from jaxspec.speculative import SpecDecoder
+
+CFG = tinymodel.CFG
+PROMPT = tinymodel.progression(10, 3, 9)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return tinymodel.trained()
+
+
+@pytest.fixture
+def cache(tmp_path):
+    aot.enable(tmp_path)
+    yield tmp_path
+    aot.enable(None)
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """How many executables came from disk (not compiled) since the fixture was made."""
+    hits = []
+    real = aot._load
+
+    def spy(k):
+        exe = real(k)
+        hits.append(exe is not None)
+        return exe
+
+    monkeypatch.setattr(aot, "_load", spy)
+    return hits
+
+
+DECODERS = [Decoder(CFG, eos_ids=(0,)),
+            SpecDecoder(CFG, eos_ids=(0,), skip=SkipMask(attn=(1,), mlp=(2,)), max_draft=4, drafter="hybrid")]
+
+
+@pytest.mark.parametrize("dec", DECODERS, ids=["ar", "ssd-hybrid"])
+def test_warm_run_is_token_identical(params, cache, loads, dec):
+    aot.enable(None)
+    plain = generate(dec, params, [PROMPT], 14)  # plain jit
+    aot.enable(cache)
+    cold = generate(dec, params, [PROMPT], 14)
+    files = sorted(cache.glob("*.bin"))
+    assert len(files) == 2  # one prefill bucket, one decode loop
+    assert not any(loads)
+    aot.enable(cache)  # a new process: nothing in memory, everything on disk
+    loads.clear()
+    warm = generate(dec, params, [PROMPT], 14)
+    assert loads == [True, True]
+    assert sorted(cache.glob("*.bin")) == files
+    assert cold.tokens == warm.tokens == plain.tokens
+
+
+def test_keys_separate_decoders_shapes_and_configs(params, cache):
+    dec = Decoder(CFG, eos_ids=(0,))
+    state = prefill(params, dec, [PROMPT], 8)
+    steps = jnp.int32(1)
+    base = aot.key(Decoder.run, (dec, params, state, steps), (0,))
+    assert base == aot.key(Decoder.run, (Decoder(CFG, eos_ids=(0,)), params, state, steps), (0,))
+    others = [
+        aot.key(Decoder.run, (Decoder(CFG, eos_ids=(0, 1)), params, state, steps), (0,)),
+        aot.key(Decoder.run, (Decoder(CFG, Sampling(temperature=0.7), (0,)), params, state, steps), (0,)),
+        aot.key(Decoder.run, (SpecDecoder(CFG, eos_ids=(0,), drafter="ngram"), params, state, steps), (0,)),
+        aot.key(Decoder.run, (dec, params, prefill(params, dec, [PROMPT, PROMPT], 8), steps), (0,)),  # batch 2
+        aot.key(Decoder.run, (dec, params, prefill(params, dec, [PROMPT], 9), steps), (0,)),  # longer output
+    ]
+    assert base not in others and len(set(others)) == len(others)
+    toks, cache_ = jnp.zeros((1, 16), jnp.int32), prefill(params, dec, [PROMPT], 8).cache
+    pre = [aot.key(_prefill, (params, cfg, toks, cache_, cache_.lengths), (1,))
+           for cfg in (CFG, CFG.replace(rope_theta=CFG.rope_theta * 2), CFG.replace(norm_eps=1e-6))]
+    assert len(set(pre)) == 3
+    assert aot.key(_prefill, (params, CFG, jnp.zeros((1, 64), jnp.int32), cache_, cache_.lengths), (1,)) not in pre
+    # Python scalars are not arrays: such a call is not cached (plain jit)
+    assert aot.key(Decoder.run, (dec, params, state, 1), (0,)) is None
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
+def test_damaged_entry_falls_back_and_is_rewritten(params, cache, loads, damage):
+    dec = Decoder(CFG, eos_ids=(0,))
+    cold = generate(dec, params, [PROMPT], 10)
+    for f in cache.glob("*.bin"):
+        data = f.read_bytes()
+        if damage == "truncate":
+            f.write_bytes(data[: len(data) // 2])
+        elif damage == "flip":
+            f.write_bytes(data[:-100] + bytes([data[-100] ^ 0xFF]) + data[-99:])
+        else:
+            f.write_bytes(b"not an executable")
+    aot.enable(cache)
+    loads.clear()
+    assert generate(dec, params, [PROMPT], 10).tokens == cold.tokens
+    assert loads == [False, False]
+    aot.enable(cache)  # rewritten: the next process loads them
+    loads.clear()
+    assert generate(dec, params, [PROMPT], 10).tokens == cold.tokens
+    assert loads == [True, True]
+
+
+def test_entry_written_after_xla_cache_hit_still_loads(params, cache, loads, tmp_path_factory):
+    """An executable from XLA's persistent compilation cache re-serializes without some kernels: aot compiles its
+    own entries afresh (regression: "Function bitcast_gather_fusion not found" on the next run)."""
+    import jax
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    try:
+        dec = Decoder(CFG, Sampling(temperature=0.9, top_k=20), (0,))  # shapes no other test compiled
+        aot.enable(None)
+        ref = generate(dec, params, [PROMPT + [7]], 11, seed=3).tokens  # fills XLA's cache
+        jax.clear_caches()
+        aot.enable(cache)
+        assert generate(dec, params, [PROMPT + [7]], 11, seed=3).tokens == ref  # XLA's cache hit; aot compiles
+        aot.enable(cache)
+        loads.clear()
+        assert generate(dec, params, [PROMPT + [7]], 11, seed=3).tokens == ref
+        assert loads == [True, True]
+    finally:
+        for n, v in old.items():
+            jax.config.update(n, v)
+
+
+def test_prefetch_loads_the_latest_runs_executables(params, cache, loads):
+    dec = Decoder(CFG, eos_ids=(0,))
+    cold = generate(dec, params, [PROMPT], 10)
+    aot.enable(cache, prefetch=True)  # the next process
+    assert len(aot._pending) == 2
+    loads.clear()
+    assert generate(dec, params, [PROMPT], 10).tokens == cold.tokens
+    assert loads == [True, True] and not aot._pending  # both loaded by the prefetch threads, both used
+    (cache / aot.RECENT).write_text("{not json")
+    aot.enable(cache, prefetch=True)
+    assert not aot._pending
+    assert generate(dec, params, [PROMPT], 10).tokens == cold.tokens

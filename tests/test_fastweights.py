@@ -1,0 +1,54 @@
+"""The memory-mapped weight copy (``fastweights``): same arrays as orbax, used on later loads, rebuilt when the
+checkpoint changes or the copy is damaged."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxspec import checkpoint, fastweights
+from jaxspec.model import init_params, params_to_flat
+
+
+def same(a, b) -> bool:
+    fa, fb = params_to_flat(a), params_to_flat(b)
+    return fa.keys() == fb.keys() and all(np.array_equal(np.asarray(fa[n]), np.asarray(fb[n])) for n in fa)
+
+
+@pytest.fixture
+def ckpt(tmp_path, tiny_cfg, tiny_params):
+    return checkpoint.save_params(tmp_path / "tiny", tiny_cfg, tiny_params)
+
+
+def test_copy_is_used_and_rebuilt_when_the_checkpoint_changes(tmp_path, ckpt, tiny_cfg, tiny_params, monkeypatch):
+    cache = tmp_path / "fast"
+    _, first, _ = checkpoint.load_checkpoint(ckpt, fast_cache=cache)
+    (copy,) = cache.glob("*.bin")
+    assert same(first, tiny_params)
+    restores = []
+    real = checkpoint._restore
+    monkeypatch.setattr(checkpoint, "_restore", lambda *a: restores.append(1) or real(*a))
+    _, again, _ = checkpoint.load_checkpoint(ckpt, fast_cache=cache)
+    assert same(again, tiny_params) and restores == []  # from the copy, not orbax
+    leaf = params_to_flat(again)["embed"]
+    assert leaf.sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0]) and leaf.committed
+
+    other = init_params(tiny_cfg, jax.random.PRNGKey(7))
+    checkpoint.save_params(ckpt, tiny_cfg, other)  # the checkpoint is replaced: the copy is stale
+    _, new, _ = checkpoint.load_checkpoint(ckpt, fast_cache=cache)
+    assert same(new, other) and restores == [1]
+    assert list(cache.glob("*.bin")) == [copy]  # rewritten in place
+    _, new, _ = checkpoint.load_checkpoint(ckpt, fast_cache=cache)
+    assert same(new, other) and restores == [1]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header", "empty"])
+def test_damaged_copy_falls_back_to_orbax(tmp_path, ckpt, tiny_params, damage):
+    cache = tmp_path / "fast"
+    checkpoint.load_checkpoint(ckpt, fast_cache=cache)
+    (copy,) = cache.glob("*.bin")
+    data = copy.read_bytes()
+    copy.write_bytes({"truncate": data[: len(data) - 5000], "header": data[:30] + b"}" + data[31:],
+                      "empty": b""}[damage])
+    _, params, _ = checkpoint.load_checkpoint(ckpt, fast_cache=cache)
+    assert same(params, tiny_params)
+    assert fastweights.read(copy, fastweights.signature(ckpt, "float32"), jax.devices()[0]) is not None  # rewritten
