@@ -75,23 +75,34 @@ def llama_cpp(gguf: Path, prompts: Prompts, max_new: int | Mapping[str, int], th
     records = []
     drafts = {"llama.cpp": None, "llama.cpp-prompt-lookup": LlamaPromptLookupDecoding(10)}
     for name in modes:
-        draft = drafts[name]
-        llm = llama_cpp.Llama(str(gguf), n_ctx=4096, n_threads=threads, draft_model=draft, verbose=False)
-
-        def gen(ids: list[int], n: int, llm: Any = llm) -> dict[str, Any]:
-            """Greedy tokens, the time to the first one (prefill) and from there to the last one (decode)."""
-            llm.reset()
-            t, toks, first = time.perf_counter(), [], 0.0
-            for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-                toks.append(int(tok))
-                first = first or time.perf_counter()
-                if tok == llm.token_eos() or len(toks) == n:
-                    break
-            end = time.perf_counter()
-            return {"tokens": toks, "decode_s": max(end - first, 1e-9), "ttft_s": first - t}
-
-        gen(prompts[0][2], 2)  # warm-up
-        rows = [gen(ids, budget(max_new, task)) for task, _, ids in tqdm(prompts, desc=name, unit="prompt")]
-        status[name] = "ok"
-        records += _records(name, prompts, rows)
+        try:
+            records += _llama_mode(llama_cpp, gguf, name, drafts[name], prompts, max_new, threads)
+            status[name] = "ok"
+        except Exception as e:  # a peer that breaks gives a "failed" row; the benchmark's own figures go on
+            status[name] = f"failed: {type(e).__name__}: {e}"[:200]
     return status, records
+
+
+def _llama_mode(llama_cpp: Any, gguf: Path, name: str, draft: Any, prompts: Prompts,
+                max_new: int | Mapping[str, int], threads: int) -> list[dict[str, Any]]:
+    """One llama.cpp mode's records. A draft model (prompt lookup) verifies several tokens per call, so the
+    logits of every position are kept (``logits_all``; without it llama-cpp-python overruns its n_batch-row
+    score buffer once a prompt passes ~500 tokens)."""
+    llm = llama_cpp.Llama(str(gguf), n_ctx=4096, n_threads=threads, draft_model=draft, verbose=False,
+                          logits_all=draft is not None)
+
+    def gen(ids: list[int], n: int, llm: Any = llm) -> dict[str, Any]:
+        """Greedy tokens, the time to the first one (prefill) and from there to the last one (decode)."""
+        llm.reset()
+        t, toks, first = time.perf_counter(), [], 0.0
+        for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            toks.append(int(tok))
+            first = first or time.perf_counter()
+            if tok == llm.token_eos() or len(toks) == n:
+                break
+        end = time.perf_counter()
+        return {"tokens": toks, "decode_s": max(end - first, 1e-9), "ttft_s": first - t}
+
+    gen(prompts[0][2], 2)  # warm-up
+    rows = [gen(ids, budget(max_new, task)) for task, _, ids in tqdm(prompts, desc=name, unit="prompt")]
+    return _records(name, prompts, rows)
