@@ -364,6 +364,9 @@ def save_params(path: str | Path, cfg: Config, params: Params, tokenizer: Tokeni
     return path
 
 
+FAST_WEIGHTS_MAX_BYTES = 8 << 30  # largest checkpoint (parameter files on disk) given a memory-mapped copy
+
+
 def checkpoint_size(path: str | Path) -> int:
     """Bytes on disk under ``path``."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
@@ -486,7 +489,8 @@ def load_checkpoint(path: str | Path, dtype: str | None = None, shardings: Shard
     ``dtype`` None is float32 on CPU and the stored dtype elsewhere; a different dtype is cast on restore.
     ``shardings`` places each array (see ``Shardings``). The returned config's ``dtype`` is the loaded dtype.
     ``fast_cache``: a directory for a memory-mapped copy of the parameters (``fastweights``), used instead of orbax
-    when it matches the checkpoint and (re)written from orbax's restore when not; one-device loads only.
+    when it matches the checkpoint and (re)written from orbax's restore when not; one-device CPU loads of at most
+    ``FAST_WEIGHTS_MAX_BYTES`` only (elsewhere it would copy a large checkpoint's weights to disk for no zero-copy win).
     """
     path = Path(path)
     if not path.is_dir():
@@ -505,14 +509,17 @@ def load_checkpoint(path: str | Path, dtype: str | None = None, shardings: Shard
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     flat = None
-    if fast_cache is not None and shardings is None:
+    if fast_cache is not None and (shardings is not None or jax.default_backend() != "cpu"
+                                   or checkpoint_size(path / "params") > FAST_WEIGHTS_MAX_BYTES):
+        fast_cache = None  # the copy pays only where device_put aliases host memory, and only for a bounded size
+    if fast_cache is not None:
         fast, sig = fastweights.path_for(Path(fast_cache), path, dtype), fastweights.signature(path, dtype)
         flat = fastweights.read(fast, sig, jax.devices()[0])
         if flat is not None and {n: tuple(a.shape) for n, a in flat.items()} != stored:
             flat = None
     if flat is None:
         flat = _restore(path, cfg, stored, dtype, shardings)
-        if fast_cache is not None and shardings is None:
+        if fast_cache is not None:
             try:
                 fastweights.write(fast, sig, flat)
             except OSError as e:  # a full or read-only cache: orbax again next time

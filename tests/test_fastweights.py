@@ -52,3 +52,10 @@ def test_damaged_copy_falls_back_to_orbax(tmp_path, ckpt, tiny_params, damage):
     _, params, _ = checkpoint.load_checkpoint(ckpt, fast_cache=cache)
     assert same(params, tiny_params)
     assert fastweights.read(copy, fastweights.signature(ckpt, "float32"), jax.devices()[0]) is not None  # rewritten
+
+
+def test_no_copy_of_a_checkpoint_over_the_size_cap(tmp_path, ckpt, tiny_params, monkeypatch):
+    monkeypatch.setattr(checkpoint, "FAST_WEIGHTS_MAX_BYTES", checkpoint.checkpoint_size(ckpt / "params") - 1)
+    cache = tmp_path / "fast"
+    _, params, _ = checkpoint.load_checkpoint(ckpt, fast_cache=cache)
+    assert same(params, tiny_params) and not list(cache.glob("*.bin"))  # orbax only, nothing written
