@@ -24,7 +24,7 @@ import jax
 
 from jaxspec.files import atomic_write
 
-MAGIC = b"jaxspec-aot-1\n"
+MAGIC = b"jaxspec-aot-2\n"  # -1 entries may have come from XLA's cache (see ``_compile``): ignored
 RECENT = "recent.json"  # the keys the latest process used, in order: what ``enable(..., prefetch=True)`` loads
 _dir: Path | None = None
 _memo: dict[str, Any] = {}  # key -> jax.stages.Compiled, this process
@@ -125,14 +125,19 @@ def _note(k: str) -> None:
 
 
 def _compile(fn: Callable, args: Sequence[Any]) -> Any:
-    """Compile ``fn`` for ``args`` afresh: an executable that XLA's persistent compilation cache supplied serializes
-    incompletely (loaded again, it fails with "Function ... not found"), so that cache is off for this one."""
+    """Compile ``fn`` for ``args`` afresh, bypassing XLA's persistent compilation cache both ways: an executable that
+    cache supplied serializes incompletely (loaded again, it fails with "Function ... not found"). JAX decides once
+    per process whether that cache is in use, so turning it off means resetting that decision, before and after."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
     was = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    cc.reset_cache()
     try:
         return fn.lower(*args).compile()
     finally:
         jax.config.update("jax_enable_compilation_cache", was)
+        cc.reset_cache()
 
 
 def call(fn: Callable, *args: Any, static: tuple[int, ...] = ()) -> Any:

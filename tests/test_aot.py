@@ -108,31 +108,39 @@ def test_damaged_entry_falls_back_and_is_rewritten(params, cache, loads, damage)
     assert loads == [True, True]
 
 
-def test_entry_written_after_xla_cache_hit_still_loads(params, cache, loads, tmp_path_factory):
-    """An executable from XLA's persistent compilation cache re-serializes without some kernels: aot compiles its
-    own entries afresh (regression: "Function bitcast_gather_fusion not found" on the next run)."""
-    import jax
+_RUN = """
+import sys, jax
+from jaxspec import aot
+from jaxspec.config import PRESETS
+from jaxspec.decode import Decoder, generate
+from jaxspec.model import init_params
+from jaxspec.speculative import SpecDecoder
+d = sys.argv[1]
+jax.config.update("jax_compilation_cache_dir", d + "/xla")
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+cfg = PRESETS["tiny"]
+params = init_params(cfg, jax.random.key(0))
+aot.enable(d + "/" + sys.argv[2])
+for dec in (Decoder(cfg, eos_ids=()), SpecDecoder(cfg, eos_ids=(), drafter="ngram")):
+    print(generate(dec, params, [[5, 6, 7, 8, 5, 6, 7]], 12).tokens[0])
+"""
 
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    try:
-        dec = Decoder(CFG, Sampling(temperature=0.9, top_k=20), (0,))  # shapes no other test compiled
-        aot.enable(None)
-        ref = generate(dec, params, [PROMPT + [7]], 11, seed=3).tokens  # fills XLA's cache
-        jax.clear_caches()
-        aot.enable(cache)
-        assert generate(dec, params, [PROMPT + [7]], 11, seed=3).tokens == ref  # XLA's cache hit; aot compiles
-        aot.enable(cache)
-        loads.clear()
-        assert generate(dec, params, [PROMPT + [7]], 11, seed=3).tokens == ref
-        assert loads == [True, True]
-    finally:
-        for n, v in old.items():
-            jax.config.update(n, v)
+
+def test_entry_written_after_xla_cache_hit_loads_in_a_new_process(tmp_path):
+    """An executable that XLA's persistent compilation cache supplied re-serializes without some kernels, and only a
+    *new process* finds out (regression: "Function bitcast_gather_fusion not found" on the second run after a jaxspec
+    upgrade). Process 1 fills XLA's cache and its aot entries (the old version); process 2's aot entries are new (the
+    upgrade changed the key) while XLA's cache has them; process 3 loads process 2's entries."""
+    import subprocess
+    import sys
+
+    outs = [subprocess.run([sys.executable, "-c", _RUN, str(tmp_path), how], capture_output=True, text=True,
+                           timeout=300) for how in ("old", "new", "new")]
+    for o in outs:
+        assert o.returncode == 0, o.stderr[-2000:]
+    assert outs[0].stdout == outs[1].stdout == outs[2].stdout
+    assert len(list((tmp_path / "new").glob("*.bin"))) == 3  # a prefill bucket, two decode loops
 
 
 def test_prefetch_loads_the_latest_runs_executables(params, cache, loads):
