@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,8 +172,16 @@ def find_profile(ckpt_dir: Path, cfg: Config, where: Path | None = None) -> Prof
     return load_profile(own, cfg) if own.exists() else shipped_profile(cfg, where)
 
 
+def _one_line(m: re.Match[str]) -> str:
+    try:
+        return json.dumps(json.loads(m.group()))
+    except ValueError:  # not a list of numbers after all
+        return m.group()
+
+
 def save_profile(path: str | Path, prof: Profile) -> None:
-    """Write a profile atomically."""
+    """Write a profile atomically: indented, each list of numbers on one line (a 16k-token ranking is one line)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(prof.to_json(), indent=1).encode())
+    text = re.sub(r"\[\n[-+.\deE,\s]*\]", _one_line, json.dumps(prof.to_json(), indent=1))
+    atomic_write(path, text.encode())

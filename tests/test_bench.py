@@ -11,6 +11,9 @@ import pytest
 import tinymodel
 
 from jaxspec.bench import metrics, modes, report, run
+from jaxspec.config import SkipMask
+from jaxspec.draft_model import DraftSpec
+from jaxspec.profile import Profile
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "bench_result.json"
@@ -71,33 +74,42 @@ def test_peers_missing_say_not_installed(monkeypatch, tmp_path):
     assert status == {"llama.cpp": "not installed"} and records == []
 
 
+# A profile that won with n-gram drafting and holds an int8 self-draft skipping one attention sublayer.
+PROF = Profile(mask=SkipMask(), drafter="ngram", ngram=(2, 4, 4), self_draft={
+    "mask": {"attn": [1], "mlp": []}, "threshold": 0.5, "max_draft": 4, "draft": {"precision": "int8", "head": 0}})
+
+
 def test_modes_table():
-    built = modes.build(["light", "profile", "ar"], tinymodel.CFG, (0,), None)
-    assert list(built) == ["ar", "light"]  # ar first; no profile on this checkpoint
-    assert built["light"].decoder.skip.attn
+    built = modes.build(["light", "self-draft", "profile", "ar"], tinymodel.CFG, (0,), None)
+    assert list(built) == ["ar", "light", "profile"]  # ar first; no self-draft without a profile
+    assert built["light"].decoder.skip.attn and built["profile"].decoder.drafter == "ngram"  # profile.DEFAULT
+    built = modes.build(["ngram", "self-draft", "profile"], tinymodel.CFG, (0,), PROF)
+    assert list(built) == ["ar", "ngram", "self-draft"]  # profile decodes exactly like ngram: one row
+    sd = built["self-draft"]
+    assert sd.draft == DraftSpec("int8") and sd.decoder.skip.attn == (1,) and sd.decoder.max_draft == 4
     with pytest.raises(ValueError, match="unknown mode"):
         modes.build(["nope"], tinymodel.CFG, (0,), None)
 
 
 def test_runner_on_tiny_model_is_lossless():
     params = tinymodel.trained()
-    built = modes.build(["ar", "light"], tinymodel.CFG, (0,), None)
+    built = modes.build(["ar", "self-draft"], tinymodel.CFG, (0,), PROF)  # with an int8 draft copy
     prompts = [("t1", "a", tinymodel.progression(5, 1, 12)), ("t1", "b", tinymodel.progression(40, 3, 20)),
                ("t2", "c", tinymodel.progression(7, 2, 9))]
     records = run.measure(built, params, prompts, {"t1": 16, "t2": 5})
-    assert len(records) == 6 and {r["mode"] for r in records} == {"ar", "light"}
+    assert len(records) == 6 and {r["mode"] for r in records} == {"ar", "self-draft"}
     assert max(r["new_tokens"] for r in records if r["task"] == "t2") <= 5  # per-task budgets
     assert max(r["new_tokens"] for r in records if r["task"] == "t1") > 5
     for r in records:
-        if r["mode"] == "light":
+        if r["mode"] == "self-draft":
             assert sum(r["accepted_trace"]) == r["accepted"] and len(r["theta_trace"]) == r["verify_calls"]
     rows = run.summarize(records, texts=lambda ids: " ".join(map(str, ids)),
                          quality=lambda task, texts, refs: {"n_words": sum(len(t.split()) for t in texts)})
-    assert [(r["task"], r["mode"]) for r in rows] == [("t1", "ar"), ("t1", "light"), ("t2", "ar"), ("t2", "light")]
+    assert [(r["task"], r["mode"]) for r in rows] == [(t, m) for t in ("t1", "t2") for m in ("ar", "self-draft")]
     assert all(r["identical"] == r["prompts"] for r in rows) and run.lossless_failures(rows) == []
     assert rows[1]["mean_accepted"] > 0 and rows[0]["speedup"] == 1.0
     bad = copy.deepcopy(records)
-    next(r for r in bad if r["mode"] == "light")["tokens"][-1] += 1  # a lossy mode must be caught
+    next(r for r in bad if r["mode"] == "self-draft")["tokens"][-1] += 1  # a lossy mode must be caught
     assert run.lossless_failures(run.summarize(bad))
 
 

@@ -19,6 +19,7 @@ PROMPTS = range(5)
 # Tolerance on logits (magnitudes up to ~30): jaxspec and torch both run float32 on the same dequantized weights,
 # with different summation orders; observed max |Δ| is a few 1e-4.
 ATOL = 2e-3
+SSD_NEW = 32  # speculative tests decode AR's first 32 tokens (a fraction of the suite's time of 64)
 
 
 def golden(i: int, key: str) -> np.ndarray:
@@ -73,8 +74,8 @@ def test_greedy_matches_hf_transformers(ar_outputs):
 def test_greedy_ssd_identical_on_real_prompts(smollm2, ar_outputs, mask):
     cfg, params, _ = smollm2
     prompts, ar = ar_outputs
-    res = generate(SpecDecoder(cfg, skip=mask), params, prompts, 64)
-    assert res.tokens == ar
+    res = generate(SpecDecoder(cfg, skip=mask), params, prompts, SSD_NEW)
+    assert res.tokens == [t[:SSD_NEW] for t in ar]  # greedy: AR's first SSD_NEW tokens
     assert res.stats.summary()["accepted"] > 0
 
 
@@ -85,7 +86,7 @@ def test_cheap_draft_identical_and_accepted_on_real_prompts(smollm2, ar_outputs)
     prompts, ar = ar_outputs
     spec = DraftSpec("int8", head=16384)
     cheap = with_draft(params, cfg, spec, rank_tokens(prompts, cfg.vocab_size))
-    res = generate(SpecDecoder(cfg, draft_spec=spec), cheap, prompts, 64)
-    assert res.tokens == ar
+    res = generate(SpecDecoder(cfg, draft_spec=spec), cheap, prompts, SSD_NEW)
+    assert res.tokens == [t[:SSD_NEW] for t in ar]
     s = res.stats.summary()
     assert s["accepted"] >= 0.8 * s["drafted"]

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from jaxspec.bench.modes import Mode
 from jaxspec.decode import Result, generate
+from jaxspec.draft_model import with_draft
 from jaxspec.model import Params
 
 
@@ -41,12 +42,14 @@ def measure(modes: dict[str, Mode], params: Params, prompts: list[tuple[str, str
     """Run every mode on every ``(task, id, token ids)`` prompt, interleaved; one raw record per (prompt, mode).
     ``max_new``: new tokens at most, for all tasks or per task."""
     names = list(modes)
+    with_params = {n: params if m.draft is None else with_draft(params, m.decoder.cfg, m.draft, m.ranking)
+                   for n, m in modes.items()}  # each draft copy made once
     records = []
     with tqdm(total=len(prompts) * len(names), desc=desc, unit="run", dynamic_ncols=True) as bar:
         for i, (task, pid, ids) in enumerate(prompts):
             for name in names[i % len(names):] + names[: i % len(names)]:
                 m = modes[name]
-                r = generate(m.decoder, params, [ids], budget(max_new, task), seed=seed, **m.init)
+                r = generate(m.decoder, with_params[name], [ids], budget(max_new, task), seed=seed, **m.init)
                 records.append({"task": task, "id": pid, "mode": name, "seed": seed, "prompt_tokens": len(ids),
                                 "tokens": r.tokens[0], "new_tokens": r.new_tokens, "decode_s": round(r.decode_s, 5),
                                 "prefill_s": round(r.prefill_s, 5), "compile_s": round(r.compile_s, 3),

@@ -36,7 +36,7 @@ from jaxspec.bench import modes as modes_mod  # noqa: E402
 from jaxspec.bench import report  # noqa: E402
 from jaxspec.checkpoint import CheckpointError, cache_dir, load, resolve, smollm2_gguf_path  # noqa: E402
 from jaxspec.data import TASKS  # noqa: E402
-from jaxspec.profile import PROFILE_NAME, load_profile  # noqa: E402
+from jaxspec.profile import find_profile  # noqa: E402
 
 DEFAULT_LIMIT = 8
 DEFAULT_PEER_LIMIT = 2
@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, params, tok = load(args.ckpt)
     if tok is None:
         raise CheckpointError(f"checkpoint {args.ckpt} has no tokenizer")
-    own = resolve(args.ckpt) / PROFILE_NAME
-    prof = load_profile(own, cfg) if own.exists() else None
+    prof = find_profile(resolve(args.ckpt), cfg)  # its own, else the project's shipped one for this model
     modes = modes_mod.build([m.strip() for m in args.modes.split(",") if m.strip()], cfg,
                             tuple(tok.eos_ids) or cfg.eos_ids, prof)
     peer_limit = 0 if args.no_peers else min(args.peer_limit, args.limit)

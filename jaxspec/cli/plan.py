@@ -31,8 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-len", type=int, default=4096, help="prompt + new tokens per row (the KV cache length)")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     ap.add_argument("--device-mem-gb", type=float, default=80.0, help="memory of one device, GB (1e9 bytes)")
-    ap.add_argument("--skip-profile", help="profile JSON or preset name (default: the checkpoint's, or the preset "
-                                           "named like the checkpoint, e.g. llama-2-70b)")
+    ap.add_argument("--skip-profile", help="profile JSON or preset name (default: the checkpoint's, else the "
+                    "project's shipped one for its model, else the preset named like it, e.g. llama-2-70b)")
     ap.add_argument("--skip-attn", help="comma-separated attention sublayers the draft skips (instead of a profile)")
     ap.add_argument("--skip-mlp", help="comma-separated MLP sublayers the draft skips (instead of a profile)")
     ap.add_argument("--max-draft", type=int, default=12, help="drafts per cycle: verify feeds max_draft + 1 tokens")
@@ -61,7 +61,7 @@ def config_and_mask(args: argparse.Namespace):  # noqa: ANN201 - (Config, SkipMa
     """The model config (converted checkpoint, else preset) and the draft's skip mask with where it came from."""
     from jaxspec import checkpoint
     from jaxspec.config import PRESETS, SkipMask
-    from jaxspec.profile import PROFILE_NAME, PUBLISHED_MASKS, load_profile
+    from jaxspec.profile import PROFILE_NAME, PUBLISHED_MASKS, find_profile, load_profile
 
     ckpt, skip_profile = args.ckpt, args.skip_profile
     reg = checkpoint.registry()
@@ -76,8 +76,10 @@ def config_and_mask(args: argparse.Namespace):  # noqa: ANN201 - (Config, SkipMa
     if args.skip_attn or args.skip_mlp:
         mask = SkipMask(validate.layers(args.skip_attn, "--skip-attn"), validate.layers(args.skip_mlp, "--skip-mlp"))
         return cfg, mask.validate(cfg.n_layers), source, "--skip-attn/--skip-mlp"
-    if skip_profile is None and (path / PROFILE_NAME).is_file():
-        skip_profile = str(path / PROFILE_NAME)
+    found = find_profile(path, cfg) if skip_profile is None and checkpoint.is_checkpoint(path) else None
+    if found is not None and found.has_self_draft:  # the checkpoint's own or the shipped profile: its self-draft
+        own = path / PROFILE_NAME
+        return cfg, found.for_drafter("skip").mask, source, str(own) if own.is_file() else "the shipped profile"
     if skip_profile is None:
         guess = re.sub(r"^(llama|codellama)(\d)", r"\1-\2", ckpt)  # llama2-70b -> llama-2-70b
         skip_profile = guess if guess in PUBLISHED_MASKS else ckpt
