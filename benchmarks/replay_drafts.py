@@ -142,7 +142,8 @@ def recycled(k: int, width: int, target: dict, tree: bool):  # noqa: ANN001, ANN
 
 def cost(widths: list[int], costs: dict[int, float], k: int) -> float:
     """Summed cycle costs: each width rounded up to the verify length the device compiles for k (1, 2, 4, 8, ...
-    below k + 1, then k + 1; ``SpecDecoder.verify_sizes``), costs interpolated (extrapolated past the last) there."""
+    below k + 1, then k + 1: ``SpecDecoder.verify_sizes`` of a hybrid or adaptive-k decoder; a plain n-gram decoder
+    compiles only 1 and k + 1), costs interpolated (extrapolated past the last) there."""
     sizes = [t for t in (1, 2, 4, 8, 16, 32) if t < k + 1] + [k + 1]
     ts = sorted(costs)
     slope = (costs[ts[-1]] - costs[ts[-2]]) / (ts[-1] - ts[-2])

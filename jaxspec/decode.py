@@ -16,11 +16,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from jaxspec import aot
 from jaxspec.config import Config
-from jaxspec.model import KVCache, Params, forward, hidden
+from jaxspec.model import KVCache, Params, forward, hidden, pytree
 from jaxspec.sampling import Sampling, sample
 
 Array = jax.Array
@@ -29,7 +28,7 @@ PREFILL_BUCKETS = (16, 64, 256, 1024)  # prefill chunk lengths: one compilation 
 MIN_WINDOW = 256  # smallest cache capacity; it doubles as the sequence grows (attention reads the whole capacity)
 
 
-@struct.dataclass
+@pytree
 class State:
     cache: KVCache
     last: Array  # (B,) newest token, not yet in the cache

