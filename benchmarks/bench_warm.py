@@ -1,6 +1,7 @@
 """Cold vs warm start of ``generate.py``: whole-command wall time, load_s, ttft_s, against ``import jax`` alone.
 
     python benchmarks/bench_warm.py --runs 3  # a fresh compilation cache, then warm runs; medians of the warm ones
+    python benchmarks/bench_warm.py --runs 3 --mode ar  # plain decoding instead of the default (no mode flags)
 
 Each run is a new process (what a user pays); the first one fills a temporary persistent compilation cache
 (``JAXSPEC_CACHE`` points there, so the checkpoint must already be converted).
@@ -38,11 +39,14 @@ def main() -> None:
     ap.add_argument("--prompt", default="Tell me a short story about a cat.")
     ap.add_argument("--max-new-tokens", type=int, default=30)
     ap.add_argument("--runs", type=int, default=3, help="warm runs after the cold one")
+    ap.add_argument("--mode", choices=["default", "ar", "ssd"], default="default",
+                    help="generate.py's --mode (default: none given, what a user gets with no flags)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "JAXSPEC_CACHE": tmp}
-        cmd = [sys.executable, str(GENERATE), "--ckpt", args.ckpt, "--chat", "--prompt", args.prompt, "--mode", "ar",
-               "--max-new-tokens", str(args.max_new_tokens), "--json"]
+        cmd = [sys.executable, str(GENERATE), "--ckpt", args.ckpt, "--chat", "--prompt", args.prompt,
+               "--max-new-tokens", str(args.max_new_tokens), "--json"] + ([] if args.mode == "default" else
+                                                                          ["--mode", args.mode])
         rows, first = [], None
         for i in range(args.runs + 1):
             wall, cpu, out = timed(cmd, env)
@@ -57,7 +61,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     warm = rows[1:]
     print(json.dumps({k: statistics.median(r[k] for r in warm) for k in warm[0] if k != "run"} | {"run": "warm median",
-                      "load_avg": os.getloadavg()[0]}))
+                      "mode": args.mode, "load_avg": os.getloadavg()[0]}))
 
 
 if __name__ == "__main__":

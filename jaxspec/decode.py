@@ -86,8 +86,10 @@ class Decoder:
         return None
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """The empty cache ``prefill`` fills (``sharding.MeshDecoder`` builds it sharded)."""
-        return KVCache.create(self.cfg, batch, max_len)
+        """The empty cache ``prefill`` fills (``sharding.MeshDecoder`` builds it sharded), zeros made on the host and
+        put on the device (no compilation on a warm start)."""
+        shapes = jax.eval_shape(lambda: KVCache.create(self.cfg, batch, max_len))
+        return jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)), shapes)
 
     def prefill_cache(self, params: Params, tokens: Array, cache: KVCache, lengths: Array) -> KVCache:
         """Write prompt ``tokens`` (B, T) into ``cache``; row lengths become ``lengths``."""
@@ -187,9 +189,9 @@ def prefill(params: Params, decoder: Decoder, prompts: list[list[int]], max_new:
     state = State(
         cache=cache,
         last=jnp.asarray([p[-1] for p in prompts], jnp.int32),
-        out=jnp.zeros((B, max(budgets)), jnp.int32),
-        n_out=jnp.zeros((B,), jnp.int32),
-        done=jnp.zeros((B,), bool),
+        out=jax.device_put(np.zeros((B, max(budgets)), np.int32)),  # host zeros: nothing to compile
+        n_out=jax.device_put(np.zeros((B,), np.int32)),
+        done=jax.device_put(np.zeros((B,), bool)),
         budget=jnp.asarray(budgets, jnp.int32),
         key=jax.random.key(seed),
         stats=decoder.init_stats(B, max(budgets), **init),

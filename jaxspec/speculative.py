@@ -103,14 +103,14 @@ class SpecStats:
 
     @classmethod
     def create(cls, batch: int, max_new: int, theta: float = 0.6, ngram_k: int = 8) -> SpecStats:
-        def z() -> Array:  # a fresh buffer each (the decode loop donates the state)
-            return jnp.zeros((batch,), jnp.int32)
+        def z(dtype: type = np.int32, *shape: int, fill: float = 0) -> Array:
+            # Built on the host and put on the device: no per-shape compilation on a warm start; a fresh buffer
+            # each (the decode loop donates the state).
+            return jax.device_put(np.full((batch, *shape), fill, dtype))
 
-        return cls(z(), z(), z(), z(), z(), z(), jnp.full((batch,), theta, jnp.float32),
-                   jnp.zeros((batch,), jnp.float32), jnp.full((batch,), ngram_k / 2, jnp.float32),
-                   jnp.zeros((batch, max_new), jnp.float32),
-                   jnp.zeros((batch, max_new), jnp.int32),
-                   jnp.zeros((batch, max_new), jnp.int32))
+        return cls(z(), z(), z(), z(), z(), z(), z(np.float32, fill=theta), z(np.float32),
+                   z(np.float32, fill=ngram_k / 2), z(np.float32, max_new), z(np.int32, max_new),
+                   z(np.int32, max_new))
 
     @property
     def drafted(self) -> Array:
