@@ -4,6 +4,7 @@
     python benchmarks/bench.py --hf-python /path/to/venv-hf/bin/python   # HF transformers from another venv
     python benchmarks/bench.py --ssd light --ssd attn-half       # + self-speculative decoding for named masks
     python benchmarks/bench.py --probe-variants                  # every bandwidth probe variant, then exit
+    python benchmarks/bench.py --rows-probe                      # the weights' products at 1, 2, 4, 8 rows, then exit
 
 Prints a markdown report: AR tokens/s, the memory-bandwidth roofline, the peers (llama.cpp through
 llama-cpp-python, HF transformers through ``--hf-python``; ``jaxspec.bench.peers``, same GGUF weights and prompts)
@@ -135,6 +136,37 @@ def probe_table() -> None:
         print(f"| {name} | {' / '.join(f'{r[name]:.1f}' for r in rounds)} |")
 
 
+def rows_table(params: Params, rows: tuple[int, ...] = (1, 2, 4, 8), repeats: int = 20) -> None:
+    """What verify pays per row on this backend: the model's weight products alone (every layer's seven matrices
+    and the head, each read once, in the model's dependency order: no attention, norms or cache) at T rows, as ms
+    and GB/s; each T's fastest call and median, the T's interleaved over two rounds."""
+    def chain(p: Params, x: jax.Array) -> jax.Array:
+        for ly in p.layers:
+            d = ly.wq.shape[0]
+            q, k, v = (x @ w.reshape(d, -1) for w in (ly.wq, ly.wk, ly.wv))
+            x = x + q @ ly.wo.reshape(-1, d) + 1e-30 * (k.sum() + v.sum())
+            x = x + (jax.nn.silu(x @ ly.w_gate) * (x @ ly.w_up)) @ ly.w_down
+        return x @ p.embed.T if p.lm_head is None else x @ p.lm_head
+
+    f = jax.jit(chain)
+    nbytes = sum(a.nbytes for a in jax.tree.leaves(params.layers)) + params.embed.nbytes
+    times: dict[int, list[float]] = {t: [] for t in rows}
+    for _ in range(2):
+        for t in rows:
+            x = jnp.ones((t, params.embed.shape[1]), params.embed.dtype)
+            jax.block_until_ready(f(params, x))
+            for _ in range(repeats // 2):
+                t0 = time.perf_counter()
+                jax.block_until_ready(f(params, x))
+                times[t].append(time.perf_counter() - t0)
+    base = statistics.median(times[rows[0]])
+    print(f"load average {os.getloadavg()}, {nbytes / 1e6:.0f} MB of weights\n\n"
+          "| rows | median ms | fastest ms | GB/s (median) | × 1 row |\n|---|---|---|---|---|")
+    for t in rows:
+        m = statistics.median(times[t])
+        print(f"| {t} | {m * 1e3:.1f} | {min(times[t]) * 1e3:.1f} | {nbytes / m / 1e9:.1f} | {m / base:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", default="smollm2-135m")
@@ -147,12 +179,16 @@ def main() -> None:
     ap.add_argument("--hf-python", help="python of a venv with torch + transformers + gguf for the HF peer row")
     ap.add_argument("--no-peers", action="store_true", help="skip llama.cpp and HF transformers")
     ap.add_argument("--probe-variants", action="store_true", help="print every bandwidth probe variant and exit")
+    ap.add_argument("--rows-probe", action="store_true", help="print the weight products' cost at 1-8 rows and exit")
     args = ap.parse_args()
     if args.probe_variants:
         probe_table()
         return
 
     cfg, params, tok = load(args.ckpt)
+    if args.rows_probe:
+        rows_table(params)
+        return
     texts = ["The history of the Roman Empire began when", "def fibonacci(n):",
              tok.apply_chat_template([{"role": "user", "content": "Write a haiku about the sea."}])
              if tok.chat_template else "Once upon a time"]
