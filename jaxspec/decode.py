@@ -227,7 +227,7 @@ class Result:
     prompt_tokens: list[int]
     prefill_s: float
     decode_s: float
-    compile_s: float  # decode-loop compilation, excluded from decode_s
+    compile_s: float  # decode-loop compilation (and first runs) for each cache window used, excluded from decode_s
     stats: Any  # the decoder's final counters as NumPy (``speculative.SpecStats``), None for AR
     ttft_s: float = float("nan")  # from the call to the first new token on the host (prefill and compile included)
 
@@ -252,14 +252,18 @@ def capacity_needed(decoder: Decoder, state: State) -> tuple[int, int]:
     return int(lengths.max()) + decoder.extra + 1, full
 
 
-def stream(decoder: Decoder, params: Params, state: State, steps_per_call: int = 8) -> Iterator[State]:
+def stream(decoder: Decoder, params: Params, state: State, steps_per_call: int = 8,
+           on_grow: Callable[[State], None] | None = None) -> Iterator[State]:
     """Run ``decoder`` to completion, yielding the state after the first step (the first token, as soon as it
     exists), then every ``steps_per_call`` steps (for streaming) or when the cache's window fills (the cache then
-    grows to the next window)."""
+    grows to the next window, and ``on_grow`` sees the grown state before it runs: a new shape, so a new
+    compilation)."""
     steps = 1
     while True:
-        state = grow(state, *capacity_needed(decoder, state))
-        state = run(decoder, params, state, jnp.int32(steps))
+        grown = grow(state, *capacity_needed(decoder, state))
+        if grown is not state and on_grow is not None:
+            on_grow(grown)
+        state = run(decoder, params, grown, jnp.int32(steps))
         steps = steps_per_call
         yield state
         if bool(jnp.all(state.done)):
@@ -275,13 +279,19 @@ def generate(decoder: Decoder, params: Params, prompts: list[list[int]], max_new
     state = prefill(params, decoder, prompts, max_new, seed, window, **init)
     jax.block_until_ready(state)
     t1 = time.perf_counter()
-    # Compile, and run one throwaway step on a copy: XLA:CPU finishes compiling loop-body kernels at their first
-    # execution, which would otherwise land in decode_s. (Cached after the first call.)
-    jax.block_until_ready(run(decoder, params, jax.tree.map(jnp.copy, state), jnp.int32(1)))
-    t_compile = time.perf_counter() - t1
-    t1 += t_compile
+    compile_s = [0.0]
+
+    def warm_up(s: State) -> None:
+        """Compile, and run one throwaway step on a copy: XLA:CPU finishes compiling loop-body kernels at their
+        first execution, which would otherwise land in decode_s (cached after the first call). Done for the first
+        window and again for each larger one the cache grows into."""
+        t = time.perf_counter()
+        jax.block_until_ready(run(decoder, params, jax.tree.map(jnp.copy, s), jnp.int32(1)))
+        compile_s[0] += time.perf_counter() - t
+
+    warm_up(state)
     final, t_first = state, None
-    for final in stream(decoder, params, state, steps_per_call):
+    for final in stream(decoder, params, state, steps_per_call, on_grow=warm_up):
         if t_first is None:
             jax.block_until_ready(final.out)
             t_first = time.perf_counter()
@@ -290,8 +300,8 @@ def generate(decoder: Decoder, params: Params, prompts: list[list[int]], max_new
     out, n = np.asarray(final.out), np.asarray(final.n_out)
     t2 = time.perf_counter()
     return Result(tokens=[out[b, : n[b]].tolist() for b in range(len(prompts))],
-                  prompt_tokens=[len(p) for p in prompts], prefill_s=t1 - t_compile - t0, decode_s=t2 - t1,
-                  compile_s=t_compile, stats=jax.tree.map(np.asarray, final.stats), ttft_s=(t_first or t2) - t0)
+                  prompt_tokens=[len(p) for p in prompts], prefill_s=t1 - t0, decode_s=t2 - t1 - compile_s[0],
+                  compile_s=compile_s[0], stats=jax.tree.map(np.asarray, final.stats), ttft_s=(t_first or t2) - t0)
 
 
 def result_stats(r: Result) -> dict[str, float | int | str]:

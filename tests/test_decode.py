@@ -95,15 +95,27 @@ def test_sampling_is_seeded(params):
     assert a == b and a != c
 
 
-def test_growing_cache_windows_equal_one_full_cache(params):
-    """A cache that starts small and doubles as decoding fills it gives the tokens of one full-size cache."""
+def test_growing_cache_windows_equal_one_full_cache(params, monkeypatch):
+    """A cache that starts small and doubles as decoding fills it gives the tokens of one full-size cache, and
+    each new window's compilation runs as a warm-up outside the timed decode (a throwaway step on that window's
+    shape before its first real step)."""
+    from jaxspec import decode
     from jaxspec.speculative import SpecDecoder
     prompts = [tinymodel.progression(5, 2, 3), tinymodel.progression(40, 1, 20), [7]]
     for dec in (Decoder(CFG), SpecDecoder(CFG, skip=SkipMask(attn=(1,), mlp=(2,)), max_draft=5)):
-        full = generate(dec, params, prompts, [40, 30, 50], window=0)
-        small = generate(dec, params, prompts, [40, 30, 50], window=8, steps_per_call=3)
+        full = generate(dec, params, prompts, [40, 60, 50], window=0)
+        calls, real = [], decode.run
+        monkeypatch.setattr(decode, "run", lambda d, p, s, n, calls=calls, real=real: calls.append(
+            (s.cache.max_len, int(n))) or real(d, p, s, n))
+        small = generate(dec, params, prompts, [40, 60, 50], window=8, steps_per_call=3)
+        monkeypatch.undo()
         assert small.tokens == full.tokens
-        assert [len(t) for t in small.tokens] == [40, 30, 50]
+        assert [len(t) for t in small.tokens] == [40, 60, 50]
+        windows = list(dict.fromkeys(w for w, _ in calls))
+        assert len(windows) > 1  # the cache grew
+        firsts = [calls[[w for w, _ in calls].index(w)] for w in windows]
+        assert all(n == 1 for _, n in firsts)  # every window's first call is the one-step warm-up
+        assert small.compile_s > 0 and small.decode_s > 0
 
 
 def test_window_len():
