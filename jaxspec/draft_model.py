@@ -49,6 +49,11 @@ class DraftSpec:
             return self.min_rows
         return 2 if jax.default_backend() == "cpu" and self.precision != "float32" else 1
 
+    @property
+    def is_full(self) -> bool:
+        """The checkpoint's own layers and head: no draft copy to make."""
+        return self.precision == "float32" and not self.head
+
     def __str__(self) -> str:
         return f"{self.precision}, head {self.head or 'full'}"
 

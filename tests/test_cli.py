@@ -240,6 +240,17 @@ def test_plan_refuses_a_context_of_zero(files):
     assert "max_seq_len must be in 1..16777216, got 0" in p.stderr and not p.stdout
 
 
+def test_plan_uses_the_checkpoints_own_profile_without_a_self_draft(files, tmp_path):
+    """A checkpoint whose own profile won with n-gram drafting (no self-draft): the plan's draft step is that
+    profile's (empty) mask, not an attempt to read the checkpoint directory as a profile."""
+    ckpt = Path(shutil.copytree(files["ckpt"], tmp_path / "ck"))
+    shutil.copy(files["ngram_only"], ckpt / "skip_profile.json")
+    cmd = [sys.executable, str(ROOT / "scripts" / "plan.py"), "--ckpt", str(ckpt), "--mesh", "1x1", "--max-len", "64"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert f"skip profile {ckpt / 'skip_profile.json'} (0 attention + 0 MLP" in p.stdout
+
+
 @pytest.mark.parametrize("name", ["generate", "search_skip"])
 def test_ctrl_c_while_importing(name):
     p = subprocess.Popen([sys.executable, str(ROOT / "scripts" / f"{name}.py"), "--help"], stdout=subprocess.PIPE,

@@ -31,7 +31,7 @@ def from_profile(cfg: Config, eos: tuple[int, ...], prof: Profile) -> Mode | Non
     if not prof.use_ssd:
         return None
     draft = DraftSpec.from_json(prof.info.get("draft") or {}) if prof.drafter != "ngram" else None
-    draft = None if draft is None or (draft.precision == "float32" and not draft.head) else draft
+    draft = None if draft is None or draft.is_full else draft
     ranking = prof.info.get("draft_vocab") if draft is not None and draft.head else None
     return Mode(SpecDecoder(cfg, eos_ids=eos, skip=prof.mask if prof.drafter != "ngram" else SkipMask(),
                             max_draft=prof.max_draft, drafter=prof.drafter, ngram_min=prof.ngram[0],

@@ -99,7 +99,7 @@ def draft_choice(args: argparse.Namespace, prof: Profile) -> tuple[DraftSpec | N
     saved = DraftSpec.from_json(prof.info.get("draft") or {})
     spec = DraftSpec(args.draft_precision or saved.precision,
                      saved.head if args.draft_head is None else args.draft_head, saved.min_rows)
-    if spec.precision == "float32" and not spec.head:
+    if spec.is_full:
         return None, None
     return spec, prof.info.get("draft_vocab")
 

@@ -77,7 +77,7 @@ def config_and_mask(args: argparse.Namespace):  # noqa: ANN201 - (Config, SkipMa
         mask = SkipMask(validate.layers(args.skip_attn, "--skip-attn"), validate.layers(args.skip_mlp, "--skip-mlp"))
         return cfg, mask.validate(cfg.n_layers), source, "--skip-attn/--skip-mlp"
     found = find_profile(path, cfg) if skip_profile is None and checkpoint.is_checkpoint(path) else None
-    if found is not None and found.has_self_draft:  # the checkpoint's own or the shipped profile: its self-draft
+    if found is not None:  # the checkpoint's own or the shipped profile: its self-draft (else its winner's mask)
         own = path / PROFILE_NAME
         return cfg, found.for_drafter("skip").mask, source, str(own) if own.is_file() else "the shipped profile"
     if skip_profile is None:
