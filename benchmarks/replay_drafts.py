@@ -83,7 +83,7 @@ def replay(item: dict, propose) -> tuple[int, list[int]]:  # noqa: ANN001
     """Greedy replay of one output: returns (tokens emitted, verify widths T of every cycle). ``propose(ctx, i)``
     gives a list of candidate chains (a tree's paths; the widths counts their distinct tree nodes + 1)."""
     prompt, out = np.asarray(item["prompt"]), np.asarray(item["out"])
-    i, widths = 0, []
+    i, widths = min(1, len(out)), []  # the first token comes with the prefill, as on device: no cycle
     while i < len(out):
         ctx = np.concatenate([prompt, out[:i]])
         chains = [c[: len(out) - i - 1] for c in propose(ctx, len(prompt) + i)]

@@ -47,7 +47,7 @@ def enable(directory: str | Path | None, prefetch: bool = False) -> None:
         except (OSError, ValueError, TypeError):
             return
         pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="aot-prefetch")
-        _pending.update({k: pool.submit(_load, k) for k in keys[:8]})
+        _pending.update({k: pool.submit(_load, k) for k in keys[:16]})
         pool.shutdown(wait=False)
 
 

@@ -68,7 +68,7 @@ class ChatSession:
         toks = np.zeros((1, T), np.int32)
         toks[0, : len(feed)] = feed
         self.fed = len(feed)
-        cache = write_tokens(self.params, dec, st.cache, toks, [keep + len(feed)])
+        _, cache = write_tokens(self.params, dec, st.cache, toks, [keep + len(feed)], [len(feed)])
         history = st.history  # n-gram drafts search the whole conversation, this turn's tokens included
         if history is not None:
             history = history.at[0, : len(self.ids) + len(new)].set(jnp.asarray([*self.ids, *new], jnp.int32))
@@ -95,7 +95,7 @@ class ChatSession:
             raise ValueError(f"the conversation ({len(self.ids) + len(new)} tokens) would exceed the model's context "
                              f"of {self.decoder.cfg.max_seq_len}: /reset to start over")
         if self.state is None:
-            self.fed = len(new) - 1
+            self.fed = len(new)  # and the answer's first token comes with the prefill
             state = prefill(self.params, self.decoder, [new], self.max_new, self.seed, MIN_WINDOW, **self.init)
         else:
             state = self._append(new)

@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxspec import aot
 from jaxspec.config import Config
-from jaxspec.model import KVCache, Params, forward, hidden, pytree
+from jaxspec.model import KVCache, Layer, Params, block, forward, logits_of, pytree, rms_norm
 from jaxspec.sampling import Sampling, sample
 
 Array = jax.Array
@@ -91,9 +91,30 @@ class Decoder:
         shapes = jax.eval_shape(lambda: KVCache.create(self.cfg, batch, max_len))
         return jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)), shapes)
 
-    def prefill_cache(self, params: Params, tokens: Array, cache: KVCache, lengths: Array) -> KVCache:
-        """Write prompt ``tokens`` (B, T) into ``cache``; row lengths become ``lengths``."""
-        return aot.call(_prefill, params, self.cfg, tokens, cache, lengths, static=(1,))
+    def prefill_cache(self, params: Params, tokens: Array, cache: KVCache, lengths: Array) -> tuple[Array, KVCache]:
+        """Write prompt ``tokens`` (B, T) into ``cache``; row lengths become ``lengths``. Returns the chunk's
+        final-norm hidden states (B, T, dim), as ``model.hidden`` does, and the cache.
+
+        One small executable per chunk shape runs each layer in turn (a dispatch per layer), not one executable of
+        the whole model: as fast at prefill lengths, but a thirtieth of the code to compile, and to load and first
+        run on a warm start (SmolLM2, 32 tokens: 0.15 s instead of 0.8 s; see BENCHMARKS.md)."""
+        x = aot.call(_embed, params.embed, tokens)
+        ks, vs = list(cache.k), list(cache.v)
+        for i, layer in enumerate(params.layers):
+            x, ks[i], vs[i] = aot.call(_prefill_layer, layer, self.cfg, x, ks[i], vs[i], cache.lengths, static=(1,))
+        return aot.call(_final_norm, params.norm, self.cfg, x, static=(1,)), KVCache(tuple(ks), tuple(vs), lengths)
+
+    @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+    def first(self, params: Params, state: State, h: Array) -> State:
+        """Sample each row's first new token from the hidden state ``h`` (B, dim) of its prompt's last token
+        (computed by prefill, which wrote the whole prompt), append it and make it ``last``."""
+        key, sub = jax.random.split(state.key)
+        nxt = sample(sub, logits_of(params, h), self.sampling)
+        state = self.append(state, nxt[:, None], jnp.ones((nxt.shape[0], 1), bool))
+        history = state.history
+        if history is not None:  # [0, cache.lengths] valid: the new ``last`` included
+            history = history.at[jnp.arange(nxt.shape[0]), state.cache.lengths].set(nxt, mode="drop")
+        return state.replace(last=nxt, key=key, history=history)
 
     def append(self, state: State, new: Array, keep: Array) -> State:
         """Append tokens ``new`` (B, K) where ``keep`` (B, K) to ``state.out``, cutting at EOS and budget."""
@@ -134,27 +155,54 @@ class Decoder:
         return jax.lax.while_loop(cond, body, (state, jnp.int32(0)))[0]
 
 
-@functools.partial(jax.jit, static_argnums=1, donate_argnums=3)
-def _prefill(params: Params, cfg: Config, tokens: Array, cache: KVCache, lengths: Array) -> KVCache:
-    _, cache = hidden(params, cfg, tokens, cache)
-    return cache.replace(lengths=lengths)
+@jax.jit
+def _embed(embed: Array, tokens: Array) -> Array:
+    return embed[tokens].astype(jnp.float32)
 
 
-def write_tokens(params: Params, decoder: Decoder, cache: KVCache, tokens: np.ndarray,
-                 lengths: list[int]) -> KVCache:
-    """Write right-padded ``tokens`` (B, T) at ``cache.lengths`` in chunks of at most ``PREFILL_BUCKETS[-1]``, then
-    set the lengths to ``lengths`` (the padding past them is never attended: decoding overwrites it first)."""
+@functools.partial(jax.jit, static_argnums=1, donate_argnums=(3, 4))
+def _prefill_layer(layer: Layer, cfg: Config, x: Array, k: Array, v: Array, start: Array) -> tuple[Array, ...]:
+    return block(layer, cfg, x, k, v, start)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _final_norm(norm: Array, cfg: Config, x: Array) -> Array:
+    return rms_norm(x, norm, cfg.norm_eps).astype(norm.dtype)
+
+
+@jax.jit
+def _pick(prev: Array, h: Array, index: Array, rows: Array) -> Array:
+    """``prev`` (B, dim) with the rows where ``rows`` replaced by ``h[b, index[b]]`` of a chunk's ``h`` (B, T, dim)."""
+    new = jnp.take_along_axis(h, index[:, None, None], axis=1)[:, 0]
+    return jnp.where(rows[:, None], new.astype(prev.dtype), prev)
+
+
+def write_tokens(params: Params, decoder: Decoder, cache: KVCache, tokens: np.ndarray, lengths: list[int],
+                 written: list[int]) -> tuple[Array, KVCache]:
+    """Write right-padded ``tokens`` (B, T), of which each row's first ``written`` are real, at ``cache.lengths`` in
+    chunks of at most ``PREFILL_BUCKETS[-1]``, then set the lengths to ``lengths`` (the padding past them is never
+    attended: decoding overwrites it first). Returns each row's final-norm hidden state (B, dim) at its last real
+    token (zeros where none) and the cache."""
     chunk = PREFILL_BUCKETS[-1]
+    last = np.asarray(written) - 1  # each row's last real token in ``tokens``
+    h_last = None
     for i in range(0, tokens.shape[1], chunk):
         part = jnp.asarray(tokens[:, i : i + chunk])
         end = cache.lengths + part.shape[1] if i + chunk < tokens.shape[1] else jnp.asarray(lengths, jnp.int32)
-        cache = decoder.prefill_cache(params, part, cache, end)
-    return cache
+        h, cache = decoder.prefill_cache(params, part, cache, end)
+        if h_last is None:
+            h_last = jax.device_put(np.zeros((h.shape[0], h.shape[2]), h.dtype))
+        rows = (last >= i) & (last < i + part.shape[1])
+        if rows.any():
+            h_last = aot.call(_pick, h_last, h, jnp.asarray(np.clip(last - i, 0, part.shape[1] - 1), jnp.int32),
+                              jnp.asarray(rows))
+    return h_last, cache
 
 
 def prefill(params: Params, decoder: Decoder, prompts: list[list[int]], max_new: int | list[int], seed: int = 0,
             window: int = 0, **init: float) -> State:
-    """Write every prompt but its last token into a fresh cache and return the initial decode state.
+    """Write every prompt into a fresh cache, sample each row's first new token from the prompt's last logits, and
+    return the decode state that continues from there (the first token in ``out`` and ``last``).
 
     Prompts of different lengths are right-padded to one bucket length; per-row lengths mask the padding.
     ``window`` > 0 starts the cache at that capacity (doubled as needed) instead of the whole request's; then the
@@ -173,13 +221,12 @@ def prefill(params: Params, decoder: Decoder, prompts: list[list[int]], max_new:
                          f"of {cfg.max_seq_len}")
     B = len(prompts)
     full = capacity(decoder, longest + max(budgets))
-    T = min(bucket(longest - 1), full)
-    cache = decoder.new_cache(B, window_len(max(T, longest + extra), full, window))
-    if longest > 1:
-        toks = np.zeros((B, T), np.int32)
-        for b, p in enumerate(prompts):
-            toks[b, : len(p) - 1] = p[:-1]
-        cache = write_tokens(params, decoder, cache, toks, [len(p) - 1 for p in prompts])
+    T = min(bucket(longest), full)
+    cache = decoder.new_cache(B, window_len(max(T, longest + extra + 1), full, window))
+    toks = np.zeros((B, T), np.int32)
+    for b, p in enumerate(prompts):
+        toks[b, : len(p)] = p
+    h, cache = write_tokens(params, decoder, cache, toks, [len(p) for p in prompts], [len(p) for p in prompts])
     history = None
     if decoder.needs_history:
         hist = np.zeros((B, cache.max_len), np.int32)
@@ -188,7 +235,7 @@ def prefill(params: Params, decoder: Decoder, prompts: list[list[int]], max_new:
         history = jnp.asarray(hist)
     state = State(
         cache=cache,
-        last=jnp.asarray([p[-1] for p in prompts], jnp.int32),
+        last=jax.device_put(np.zeros((B,), np.int32)),  # ``first`` sets it
         out=jax.device_put(np.zeros((B, max(budgets)), np.int32)),  # host zeros: nothing to compile
         n_out=jax.device_put(np.zeros((B,), np.int32)),
         done=jax.device_put(np.zeros((B,), bool)),
@@ -197,7 +244,7 @@ def prefill(params: Params, decoder: Decoder, prompts: list[list[int]], max_new:
         stats=decoder.init_stats(B, max(budgets), **init),
         history=history,
     )
-    return commit(state)
+    return commit(aot.call(type(decoder).first, decoder, params, commit(state), h, static=(0,)))
 
 
 @functools.partial(jax.jit, static_argnums=1)  # no donation: a larger buffer cannot reuse the old one
@@ -229,7 +276,7 @@ class Result:
     decode_s: float
     compile_s: float  # decode-loop compilation (and first runs) for each cache window used, excluded from decode_s
     stats: Any  # the decoder's final counters as NumPy (``speculative.SpecStats``), None for AR
-    ttft_s: float = float("nan")  # from the call to the first new token on the host (prefill and compile included)
+    ttft_s: float = float("nan")  # from the call to the first new token on the host (prefill makes it)
 
     @property
     def new_tokens(self) -> int:
@@ -237,7 +284,9 @@ class Result:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.new_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+        """Decode rate: the tokens after each row's first (which prefill makes) over ``decode_s``."""
+        n = sum(max(len(t) - 1, 0) for t in self.tokens)
+        return n / self.decode_s if self.decode_s > 0 else float("nan")
 
 
 def run(decoder: Decoder, params: Params, state: State, max_steps: Array) -> State:
@@ -245,29 +294,40 @@ def run(decoder: Decoder, params: Params, state: State, max_steps: Array) -> Sta
     return aot.call(type(decoder).run, decoder, params, state, max_steps, static=(0,))
 
 
+def host(x: Array) -> np.ndarray:
+    """``x``'s value on this host, also when it is split over devices of several processes (then gathered: every
+    process must call this alike)."""
+    if x.is_fully_addressable or x.sharding.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def capacity_needed(decoder: Decoder, state: State) -> tuple[int, int]:
     """(slots the next step needs, slots the rest of the request needs) for ``state``'s cache (host values)."""
-    lengths, rest = np.asarray(state.cache.lengths), np.asarray(state.budget - state.n_out)
+    lengths, rest = host(state.cache.lengths), host(state.budget - state.n_out)
     full = capacity(decoder, int((lengths + 1 + rest).max()))
     return int(lengths.max()) + decoder.extra + 1, full
 
 
 def stream(decoder: Decoder, params: Params, state: State, steps_per_call: int = 8,
-           on_grow: Callable[[State], None] | None = None) -> Iterator[State]:
-    """Run ``decoder`` to completion, yielding the state after the first step (the first token, as soon as it
-    exists), then every ``steps_per_call`` steps (for streaming) or when the cache's window fills (the cache then
-    grows to the next window, and ``on_grow`` sees the grown state before it runs: a new shape, so a new
-    compilation)."""
-    steps = 1
-    while True:
-        grown = grow(state, *capacity_needed(decoder, state))
-        if grown is not state and on_grow is not None:
-            on_grow(grown)
-        state = run(decoder, params, grown, jnp.int32(steps))
+           on_window: Callable[[State], None] | None = None) -> Iterator[State]:
+    """Run ``decoder`` to completion, yielding ``state`` itself first if it holds tokens already (prefill's first
+    token), the state after the first step, then every ``steps_per_call`` steps (for streaming) or when the cache's
+    window fills (the cache then grows to the next window). ``on_window`` sees the state before the first run on
+    each cache window: a new shape, so a new compilation."""
+    if bool(jnp.any(state.n_out > 0)):
+        yield state
+    steps, window = 1, None
+    while not bool(jnp.all(state.done)):
+        state = grow(state, *capacity_needed(decoder, state))
+        if on_window is not None and state.cache.max_len != window:
+            window = state.cache.max_len
+            on_window(state)
+        state = run(decoder, params, state, jnp.int32(steps))
         steps = steps_per_call
         yield state
-        if bool(jnp.all(state.done)):
-            return
 
 
 def generate(decoder: Decoder, params: Params, prompts: list[list[int]], max_new: int | list[int], seed: int = 0,
@@ -278,7 +338,7 @@ def generate(decoder: Decoder, params: Params, prompts: list[list[int]], max_new
     t0 = time.perf_counter()
     state = prefill(params, decoder, prompts, max_new, seed, window, **init)
     jax.block_until_ready(state)
-    t1 = time.perf_counter()
+    t1 = time.perf_counter()  # every row's first token exists
     compile_s = [0.0]
 
     def warm_up(s: State) -> None:
@@ -289,19 +349,15 @@ def generate(decoder: Decoder, params: Params, prompts: list[list[int]], max_new
         jax.block_until_ready(run(decoder, params, jax.tree.map(jnp.copy, s), jnp.int32(1)))
         compile_s[0] += time.perf_counter() - t
 
-    warm_up(state)
-    final, t_first = state, None
-    for final in stream(decoder, params, state, steps_per_call, on_grow=warm_up):
-        if t_first is None:
-            jax.block_until_ready(final.out)
-            t_first = time.perf_counter()
+    final = state
+    for final in stream(decoder, params, state, steps_per_call, on_window=warm_up):
         if on_update is not None:
             on_update(final)
     out, n = np.asarray(final.out), np.asarray(final.n_out)
     t2 = time.perf_counter()
     return Result(tokens=[out[b, : n[b]].tolist() for b in range(len(prompts))],
                   prompt_tokens=[len(p) for p in prompts], prefill_s=t1 - t0, decode_s=t2 - t1 - compile_s[0],
-                  compile_s=compile_s[0], stats=jax.tree.map(np.asarray, final.stats), ttft_s=(t_first or t2) - t0)
+                  compile_s=compile_s[0], stats=jax.tree.map(np.asarray, final.stats), ttft_s=t1 - t0)
 
 
 def result_stats(r: Result) -> dict[str, float | int | str]:

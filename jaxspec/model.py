@@ -216,21 +216,27 @@ def hidden(params: Params, cfg: Config, tokens: Array, cache: KVCache,
     return float32, so a sublayer's output is rounded once, not per token-chunk shape. In bfloat16 this keeps the
     T-token verify pass within float32 noise of T one-token AR steps (greedy SSD == AR but at float32 near-ties).
     """
-    dt = params.embed.dtype
-    start = cache.lengths
-    positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
     x = params.embed[tokens].astype(jnp.float32)
     ks, vs = list(cache.k), list(cache.v)
     for i, layer in enumerate(params.layers):
-        if i not in skip.attn:
-            h, ks[i], vs[i] = attention(layer, rms_norm(x, layer.attn_norm, cfg.norm_eps).astype(dt), ks[i], vs[i],
-                                        positions, start, cfg)
-            x = x + h
-        if i not in skip.mlp:
-            h = mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps).astype(dt))
-            x = x + h
-    x = rms_norm(x, params.norm, cfg.norm_eps).astype(dt)
-    return x, KVCache(k=tuple(ks), v=tuple(vs), lengths=start + tokens.shape[1])
+        x, ks[i], vs[i] = block(layer, cfg, x, ks[i], vs[i], cache.lengths, i not in skip.attn, i not in skip.mlp)
+    x = rms_norm(x, params.norm, cfg.norm_eps).astype(params.embed.dtype)
+    return x, KVCache(k=tuple(ks), v=tuple(vs), lengths=cache.lengths + tokens.shape[1])
+
+
+def block(layer: Layer, cfg: Config, x: Array, k_cache: Array, v_cache: Array, start: Array, attn: bool = True,
+          ffn: bool = True) -> tuple[Array, Array, Array]:
+    """One transformer layer on the float32 residual stream ``x`` (B, T, dim) of a chunk written at per-row offsets
+    ``start`` (B,); ``attn``/``ffn`` False skip that sublayer. Returns (x, k_cache, v_cache)."""
+    dt = layer.wq.dtype
+    positions = start[:, None] + jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]
+    if attn:
+        h, k_cache, v_cache = attention(layer, rms_norm(x, layer.attn_norm, cfg.norm_eps).astype(dt), k_cache,
+                                        v_cache, positions, start, cfg)
+        x = x + h
+    if ffn:
+        x = x + mlp(layer, rms_norm(x, layer.mlp_norm, cfg.norm_eps).astype(dt))
+    return x, k_cache, v_cache
 
 
 def logits_of(params: Params, x: Array) -> Array:

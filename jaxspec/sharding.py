@@ -160,7 +160,8 @@ class MeshDecoder(Decoder):
         """The empty cache, created already sharded like decode's (each device allocates only its part)."""
         return _cache_fns(self.cfg, batch, max_len, self.mesh)[0]()
 
-    def prefill_cache(self, params: Params, tokens: Array, cache: KVCache, lengths: Array) -> KVCache:
+    def prefill_cache(self, params: Params, tokens: Array, cache: KVCache,
+                      lengths: Array) -> tuple[Array, KVCache]:
         """Prefill with the prompt rows split over ``data`` and the cache kept in ``cache_shardings``."""
         mesh = self.mesh
         tokens, lengths = place((tokens, lengths), (named(mesh, ("batch", "seq"), tokens.shape),
@@ -173,6 +174,11 @@ class MeshDecoder(Decoder):
     def step(self, params: Params, state: State) -> State:
         return self.pin(self.inner.step(params, self.pin(state)))
 
+    def first(self, params: Params, state: State, h: Array) -> State:
+        """``Decoder.first`` on and to a state placed with ``state_shardings`` (prefill builds it on one device)."""
+        shardings = state_shardings(state, self.mesh)
+        return place(Decoder.first(self, params, place(state, shardings), h), shardings)
+
     def run(self, params: Params, state: State, max_steps: Array) -> State:
         """``Decoder.run`` on a state first placed with ``state_shardings`` (a no-op once it is), so the loop
         compiles once: the state prefill returns and the state a run returns have the same shardings."""
@@ -184,11 +190,12 @@ def _cache_fns(cfg: Config, batch: int, max_len: int, mesh: Mesh) -> tuple[Calla
     """Jitted (create, prefill) of a ``(batch, max_len)`` cache whose outputs have ``cache_shardings``."""
     sh = cache_shardings(jax.eval_shape(lambda: KVCache.create(cfg, batch, max_len)), mesh)
 
-    def fill(params: Params, tokens: Array, cache: KVCache, lengths: Array) -> KVCache:
-        return hidden(params, cfg, tokens, cache)[1].replace(lengths=lengths)
+    def fill(params: Params, tokens: Array, cache: KVCache, lengths: Array) -> tuple[Array, KVCache]:
+        h, cache = hidden(params, cfg, tokens, cache)
+        return h, cache.replace(lengths=lengths)
 
     return (jax.jit(lambda: KVCache.create(cfg, batch, max_len), out_shardings=sh),
-            jax.jit(fill, out_shardings=sh, donate_argnums=2))
+            jax.jit(fill, out_shardings=(None, sh), donate_argnums=2))
 
 
 def place(tree: Any, shardings: Any) -> Any:

@@ -7,7 +7,7 @@ import tinymodel
 
 from jaxspec import aot
 from jaxspec.config import SkipMask
-from jaxspec.decode import Decoder, _prefill, generate, prefill
+from jaxspec.decode import Decoder, _prefill_layer, generate, prefill
 from jaxspec.sampling import Sampling
 from jaxspec.speculative import SpecDecoder
 
@@ -53,12 +53,12 @@ def test_warm_run_is_token_identical(params, cache, loads, dec):
     aot.enable(cache)
     cold = generate(dec, params, [PROMPT], 14)
     files = sorted(cache.glob("*.bin"))
-    assert len(files) == 2  # one prefill bucket, one decode loop
+    assert len(files) == 6  # one prefill bucket's embedding, layer, final norm and last-row pick; first token; loop
     assert not any(loads)
     aot.enable(cache)  # a new process: nothing in memory, everything on disk
     loads.clear()
     warm = generate(dec, params, [PROMPT], 14)
-    assert loads == [True, True]
+    assert loads == [True] * 6
     assert sorted(cache.glob("*.bin")) == files
     assert cold.tokens == warm.tokens == plain.tokens
 
@@ -77,11 +77,12 @@ def test_keys_separate_decoders_shapes_and_configs(params, cache):
         aot.key(Decoder.run, (dec, params, prefill(params, dec, [PROMPT], 9), steps), (0,)),  # longer output
     ]
     assert base not in others and len(set(others)) == len(others)
-    toks, cache_ = jnp.zeros((1, 16), jnp.int32), prefill(params, dec, [PROMPT], 8).cache
-    pre = [aot.key(_prefill, (params, cfg, toks, cache_, cache_.lengths), (1,))
+    c = prefill(params, dec, [PROMPT], 8).cache
+    x, layer = jnp.zeros((1, 16, CFG.dim)), params.layers[0]
+    pre = [aot.key(_prefill_layer, (layer, cfg, x, c.k[0], c.v[0], c.lengths), (1,))
            for cfg in (CFG, CFG.replace(rope_theta=CFG.rope_theta * 2), CFG.replace(norm_eps=1e-6))]
     assert len(set(pre)) == 3
-    assert aot.key(_prefill, (params, CFG, jnp.zeros((1, 64), jnp.int32), cache_, cache_.lengths), (1,)) not in pre
+    assert aot.key(_prefill_layer, (layer, CFG, x[:, :8], c.k[0], c.v[0], c.lengths), (1,)) not in pre
     # Python scalars are not arrays: such a call is not cached (plain jit)
     assert aot.key(Decoder.run, (dec, params, state, 1), (0,)) is None
 
@@ -101,11 +102,11 @@ def test_damaged_entry_falls_back_and_is_rewritten(params, cache, loads, damage)
     aot.enable(cache)
     loads.clear()
     assert generate(dec, params, [PROMPT], 10).tokens == cold.tokens
-    assert loads == [False, False]
+    assert loads == [False] * 6
     aot.enable(cache)  # rewritten: the next process loads them
     loads.clear()
     assert generate(dec, params, [PROMPT], 10).tokens == cold.tokens
-    assert loads == [True, True]
+    assert loads == [True] * 6
 
 
 _RUN = """
@@ -140,17 +141,17 @@ def test_entry_written_after_xla_cache_hit_loads_in_a_new_process(tmp_path):
     for o in outs:
         assert o.returncode == 0, o.stderr[-2000:]
     assert outs[0].stdout == outs[1].stdout == outs[2].stdout
-    assert len(list((tmp_path / "new").glob("*.bin"))) == 3  # a prefill bucket, two decode loops
+    assert len(list((tmp_path / "new").glob("*.bin"))) == 8  # a prefill bucket (4), two first-token and decode loops
 
 
 def test_prefetch_loads_the_latest_runs_executables(params, cache, loads):
     dec = Decoder(CFG, eos_ids=(0,))
     cold = generate(dec, params, [PROMPT], 10)
     aot.enable(cache, prefetch=True)  # the next process
-    assert len(aot._pending) == 2
+    assert len(aot._pending) == 6
     loads.clear()
     assert generate(dec, params, [PROMPT], 10).tokens == cold.tokens
-    assert loads == [True, True] and not aot._pending  # both loaded by the prefetch threads, both used
+    assert loads == [True] * 6 and not aot._pending  # all loaded by the prefetch threads, all used
     (cache / aot.RECENT).write_text("{not json")
     aot.enable(cache, prefetch=True)
     assert not aot._pending

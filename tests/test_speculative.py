@@ -137,8 +137,8 @@ def test_greedy_ssd_accepts_and_drafts(params):
     res = generate(SpecDecoder(CFG, skip=MASKS["few"], max_draft=6), params, [prompt], 40)
     s = res.stats
     assert s.drafted[0] > 0 and 0 < s.accepted[0] <= s.drafted[0]
-    # Every verify emits accepted + 1 tokens, except possibly the last one cut by the budget.
-    assert s.accepted[0] + s.verify_calls[0] >= 40
+    # Every verify emits accepted + 1 tokens, except possibly the last one cut by the budget; prefill makes the first.
+    assert s.accepted[0] + s.verify_calls[0] >= 40 - 1
     assert s.verify_calls[0] < 40  # fewer full-model passes than tokens: the point of speculation
     full = generate(SpecDecoder(CFG, skip=MASKS["empty"], max_draft=6, adaptive=False), params, [prompt], 40,
                     theta=0.0)

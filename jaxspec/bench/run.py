@@ -51,7 +51,8 @@ def measure(modes: dict[str, Mode], params: Params, prompts: list[tuple[str, str
                 m = modes[name]
                 r = generate(m.decoder, with_params[name], [ids], budget(max_new, task), seed=seed, **m.init)
                 records.append({"task": task, "id": pid, "mode": name, "seed": seed, "prompt_tokens": len(ids),
-                                "tokens": r.tokens[0], "new_tokens": r.new_tokens, "decode_s": round(r.decode_s, 5),
+                                "tokens": r.tokens[0], "new_tokens": max(r.new_tokens - 1, 0),  # after the first,
+                                "decode_s": round(r.decode_s, 5), "ttft_s": round(r.ttft_s, 5),  # as peers' records
                                 "prefill_s": round(r.prefill_s, 5), "compile_s": round(r.compile_s, 3),
                                 **counters(r)})
                 bar.set_postfix_str(f"{task} {name} {r.tokens_per_s:.1f} tok/s")

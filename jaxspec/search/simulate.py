@@ -26,7 +26,8 @@ class SimulatedRun:
 
 def simulate(agree: np.ndarray, conf: np.ndarray, lengths: np.ndarray, max_draft: int, theta: float | np.ndarray,
              adaptive: bool = True) -> SimulatedRun:
-    """Replay ``SpecDecoder``'s greedy cycles over teacher-forced draft agreements/confidences (B, C).
+    """Replay ``SpecDecoder``'s greedy cycles over teacher-forced draft agreements/confidences (B, C) of the tokens
+    after each row's first (which prefill makes).
 
     Drafting stops after a token whose confidence is below θ, at ``max_draft``, or one token before the row's
     budget (then the loop still runs one idle step, as the real loop does); the longest agreeing prefix is accepted
@@ -38,7 +39,7 @@ def simulate(agree: np.ndarray, conf: np.ndarray, lengths: np.ndarray, max_draft
     A = np.concatenate([agree, np.zeros((B, K), bool)], axis=1)
     F = np.concatenate([conf, np.zeros((B, K))], axis=1)
     rows, ks = np.arange(B)[:, None], np.arange(K)[None]
-    p = np.zeros(B, np.int64)
+    p = np.minimum(1, lengths).astype(np.int64)  # the first token comes with the prefill: no cycle
     th = np.broadcast_to(np.asarray(theta, np.float64), (B,)).copy()
     m = np.zeros(B)
     sim = SimulatedRun(*(np.zeros(B, np.int64) for _ in range(4)))
