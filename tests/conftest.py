@@ -1,8 +1,13 @@
 """Shared fixtures: tiny random models and the real SmolLM2-135M (fetched and converted once, then cached)."""
 
 import os
+import signal
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests press Ctrl-C in child processes; a run started as a shell's background job inherits SIGINT ignored, and so
+# would every child: take it back (children then start with the default, as at a terminal).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
