@@ -24,7 +24,7 @@ import jax
 
 from jaxspec.files import atomic_write
 
-MAGIC = b"jaxspec-aot-2\n"  # -1 entries may have come from XLA's cache (see ``_compile``): ignored
+MAGIC = b"jaxspec-aot-3\n"  # -1 entries may have come from XLA's cache (see ``_compile``); -2 lack devices
 RECENT = "recent.json"  # the keys the latest process used, in order: what ``enable(..., prefetch=True)`` loads
 _dir: Path | None = None
 _memo: dict[str, Any] = {}  # key -> jax.stages.Compiled, this process
@@ -100,8 +100,11 @@ def _load(k: str) -> Any:
         digest, payload = data[len(MAGIC) : len(MAGIC) + 32], data[len(MAGIC) + 32 :]
         if hashlib.sha256(payload).digest() != digest:
             return None  # truncated or corrupt
-        serialized, in_tree, out_tree = pickle.loads(payload)
-        return deserialize_and_load(serialized, in_tree, out_tree)
+        serialized, in_tree, out_tree, ids = pickle.loads(payload)
+        devices = {d.id: d for d in jax.devices()}
+        # on the devices it was compiled for: by default it would load onto all of them (and, with more than one,
+        # expect every argument split over them all)
+        return deserialize_and_load(serialized, in_tree, out_tree, execution_devices=[devices[i] for i in ids])
     except Exception:  # noqa: BLE001 - any unreadable entry: compile again and overwrite it
         return None
 
@@ -110,7 +113,10 @@ def _save(k: str, compiled: Any) -> None:
     from jax.experimental.serialize_executable import serialize
 
     try:
-        payload = pickle.dumps(serialize(compiled), protocol=pickle.HIGHEST_PROTOCOL)
+        # ``key`` admits only single-device inputs; an executable without array inputs ran on the default device
+        ids = sorted({d.id for s in jax.tree.leaves(compiled.input_shardings) for d in s.device_set})
+        ids = ids or [jax.devices()[0].id]
+        payload = pickle.dumps((*serialize(compiled), ids), protocol=pickle.HIGHEST_PROTOCOL)
         _path(k).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(_path(k), [MAGIC, hashlib.sha256(payload).digest(), payload])
     except Exception:  # noqa: BLE001 - not serializable, or the cache is not writable: only later runs lose

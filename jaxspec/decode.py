@@ -24,7 +24,9 @@ from jaxspec.sampling import Sampling, sample
 
 Array = jax.Array
 
-PREFILL_BUCKETS = (16, 64, 256, 1024)  # prefill chunk lengths: one compilation each; longer prompts go in 1024s
+# Prefill chunk lengths, one compilation each (small: one layer's executable), at most 1.5x apart: prefill is
+# compute-bound, so every padding token costs what a real one does. Longer prompts go in 1024s, then a bucket.
+PREFILL_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 MIN_WINDOW = 256  # smallest cache capacity; it doubles as the sequence grows (attention reads the whole capacity)
 
 
@@ -41,8 +43,12 @@ class State:
     history: Array | None = None  # (B, capacity) prompt + accepted tokens, [0, cache.lengths] valid (n-gram drafts)
 
 
-def bucket(n: int, buckets: tuple[int, ...] = PREFILL_BUCKETS) -> int:
-    return next((b for b in buckets if b >= n), -(-n // buckets[-1]) * buckets[-1])
+def bucket(n: int) -> int:
+    """The length an ``n``-token prompt is padded to: whole chunks of the largest bucket, then the smallest bucket
+    that holds the rest (so ``write_tokens`` runs only bucket-length chunks)."""
+    chunk = PREFILL_BUCKETS[-1]
+    whole, rest = divmod(n, chunk)
+    return whole * chunk + (next(b for b in PREFILL_BUCKETS if b >= rest) if rest or not whole else 0)
 
 
 def capacity(decoder: Decoder, tokens: int) -> int:

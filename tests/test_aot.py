@@ -144,6 +144,21 @@ def test_entry_written_after_xla_cache_hit_loads_in_a_new_process(tmp_path):
     assert len(list((tmp_path / "new").glob("*.bin"))) == 8  # a prefill bucket (4), two first-token and decode loops
 
 
+def test_entries_load_onto_their_device_when_there_are_several(tmp_path):
+    """With several devices (a multi-GPU host, or CPU devices forced by XLA_FLAGS) and no mesh, a loaded entry must
+    run on the one device it was compiled for (regression: it loaded onto all and wanted every input split in two)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")
+    outs = [subprocess.run([sys.executable, "-c", _RUN, str(tmp_path), "two"], capture_output=True, text=True,
+                           timeout=300, env=env) for _ in range(2)]
+    for o in outs:
+        assert o.returncode == 0, o.stderr[-2000:]
+    assert outs[0].stdout == outs[1].stdout and outs[0].stdout.count("[") == 2
+
+
 def test_prefetch_loads_the_latest_runs_executables(params, cache, loads):
     dec = Decoder(CFG, eos_ids=(0,))
     cold = generate(dec, params, [PROMPT], 10)
