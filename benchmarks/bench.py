@@ -5,6 +5,7 @@
     python benchmarks/bench.py --ssd light --ssd attn-half       # + self-speculative decoding for named masks
     python benchmarks/bench.py --probe-variants                  # every bandwidth probe variant, then exit
     python benchmarks/bench.py --rows-probe                      # the weights' products at 1, 2, 4, 8 rows, then exit
+    python benchmarks/bench.py --prefill-lengths 39,65,257,1025  # prefill at those prompt lengths, two bucket sets
 
 Prints a markdown report: AR tokens/s, the memory-bandwidth roofline, the peers (llama.cpp through
 llama-cpp-python, HF transformers through ``--hf-python``; ``jaxspec.bench.peers``, same GGUF weights and prompts)
@@ -167,6 +168,40 @@ def rows_table(params: Params, rows: tuple[int, ...] = (1, 2, 4, 8), repeats: in
         print(f"| {t} | {m * 1e3:.1f} | {min(times[t]) * 1e3:.1f} | {nbytes / m / 1e9:.1f} | {m / base:.2f} |")
 
 
+def prefill_table(params: Params, cfg: Config, lengths: tuple[int, ...], max_new: int, rounds: int = 3,
+                  coarse: tuple[int, ...] = (16, 64, 256, 1024)) -> None:
+    """Prefill time (prompt written, first token sampled; a request for ``max_new`` more, which bounds the padding)
+    at each prompt length with ``decode.PREFILL_BUCKETS``
+    against the ``coarse`` bucket set, interleaved rounds after a compiling one; medians."""
+    from jaxspec import decode
+
+    fine = decode.PREFILL_BUCKETS
+    rng = np.random.default_rng(0)
+    prompts = {n: rng.integers(100, cfg.vocab_size, n).tolist() for n in lengths}
+    times: dict[tuple, list[float]] = {(n, b): [] for n in lengths for b in (fine, coarse)}
+    first: dict[tuple, int] = {}
+    padded: dict[tuple, int] = {}
+    try:
+        for r in range(rounds + 1):
+            for n in lengths:
+                for b in (fine, coarse):
+                    decode.PREFILL_BUCKETS = b
+                    padded[n, b] = min(decode.bucket(n), decode.capacity(Decoder(cfg), n + max_new))
+                    t0 = time.perf_counter()
+                    state = prefill(params, Decoder(cfg), [prompts[n]], max_new, window=MIN_WINDOW)
+                    first[n, b] = int(np.asarray(state.last)[0])
+                    if r:
+                        times[n, b].append(time.perf_counter() - t0)
+    finally:
+        decode.PREFILL_BUCKETS = fine
+    print(f"load average {os.getloadavg()}\n\n| prompt tokens | padded (fine / coarse) | ms, buckets {fine[:6]}... | "
+          f"ms, buckets {coarse} | tokens/s (fine) | coarse / fine | same first token |\n|---|---|---|---|---|---|---|")
+    for n in lengths:
+        tf, tc = statistics.median(times[n, fine]), statistics.median(times[n, coarse])
+        print(f"| {n} | {padded[n, fine]} / {padded[n, coarse]} | {tf * 1e3:.0f} | {tc * 1e3:.0f} | "
+              f"{n / tf:.0f} | {tc / tf:.2f}x | {first[n, fine] == first[n, coarse]} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", default="smollm2-135m")
@@ -180,6 +215,8 @@ def main() -> None:
     ap.add_argument("--no-peers", action="store_true", help="skip llama.cpp and HF transformers")
     ap.add_argument("--probe-variants", action="store_true", help="print every bandwidth probe variant and exit")
     ap.add_argument("--rows-probe", action="store_true", help="print the weight products' cost at 1-8 rows and exit")
+    ap.add_argument("--prefill-lengths", default="", help="comma-separated prompt lengths: prefill with the fine "
+                    "and a coarse bucket set, then exit")
     args = ap.parse_args()
     if args.probe_variants:
         probe_table()
@@ -188,6 +225,9 @@ def main() -> None:
     cfg, params, tok = load(args.ckpt)
     if args.rows_probe:
         rows_table(params)
+        return
+    if args.prefill_lengths:
+        prefill_table(params, cfg, tuple(int(n) for n in args.prefill_lengths.split(",")), args.max_new_tokens)
         return
     texts = ["The history of the Roman Empire began when", "def fibonacci(n):",
              tok.apply_chat_template([{"role": "user", "content": "Write a haiku about the sea."}])

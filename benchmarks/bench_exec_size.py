@@ -1,5 +1,6 @@
 """What one full-model pass costs to compile, to load from its serialized form, to run the first time and to run
-warm, for three ways of writing the layer loop (SmolLM2-135M shapes, random weights, batch 1, 256-slot cache):
+warm, for three ways of writing the layer loop (SmolLM2-135M shapes, random weights, batch 1, a cache of 256 slots
+or the chunk's length + 256):
 
 - ``unrolled``: one executable with a Python loop over the 30 layers (what the decode loops use);
 - ``scanned``: one executable, ``lax.scan`` over weights stacked on a layer axis;
@@ -68,17 +69,17 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=30)
     args = ap.parse_args()
     params = M.init_params(CFG, jax.random.key(0), 0.02)
-    cache = M.KVCache.create(CFG, 1, 256)
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *params.layers)
-    k, v, start = jnp.stack(cache.k), jnp.stack(cache.v), cache.lengths
     print("| layer loop, tokens | MB | load ms | first run ms | load + first ms | warm run ms |")
     print("|---|---|---|---|---|---|")
     for T in map(int, args.tokens.split(",")):
+        cache = M.KVCache.create(CFG, 1, 256 if T <= 32 else T + 256)
+        k, v, start = jnp.stack(cache.k), jnp.stack(cache.v), cache.lengths
         tok = jnp.ones((1, T), jnp.int32)
         t = time.perf_counter()
         c = jax.jit(lambda p, t, c: M.forward(p, CFG, t, c)).lower(params, tok, cache).compile()
         print(f"<!-- unrolled T={T} compile {time.perf_counter() - t:.2f} s -->")
-        report(f"unrolled, {T}", [c], lambda e, t=tok: e[0](params, t, cache), args.runs)
+        report(f"unrolled, {T}", [c], lambda e, t=tok, c=cache: e[0](params, t, c), args.runs)
         sargs = (params.embed, params.norm, stacked, tok, k, v, start)
         report(f"scanned, {T}", [jax.jit(scanned).lower(*sargs).compile()], lambda e, a=sargs: e[0](*a), args.runs)
         x = params.embed[tok].astype(jnp.float32)
@@ -86,7 +87,7 @@ def main() -> None:
         compiled = [layer.lower(params.layers[0], x, cache.k[0], cache.v[0], start).compile(),
                     jax.jit(head).lower(params.embed, params.norm, x).compile()]
 
-        def per_layer(e: list, x: jax.Array = x) -> jax.Array:
+        def per_layer(e: list, x: jax.Array = x, cache: M.KVCache = cache, start: jax.Array = start) -> jax.Array:
             for i, ly in enumerate(params.layers):
                 x = e[0](ly, x, cache.k[i], cache.v[i], start)[0]
             return e[1](params.embed, params.norm, x)

@@ -26,6 +26,7 @@ from jaxspec.files import atomic_write
 
 MAGIC = b"jaxspec-aot-3\n"  # -1 entries may have come from XLA's cache (see ``_compile``); -2 lack devices
 RECENT = "recent.json"  # the keys the latest process used, in order: what ``enable(..., prefetch=True)`` loads
+MAX_BYTES = 512 << 20  # entries beyond this total are deleted, least recently used first
 _dir: Path | None = None
 _memo: dict[str, Any] = {}  # key -> jax.stages.Compiled, this process
 _used: list[str] = []  # keys this process used
@@ -104,7 +105,9 @@ def _load(k: str) -> Any:
         devices = {d.id: d for d in jax.devices()}
         # on the devices it was compiled for: by default it would load onto all of them (and, with more than one,
         # expect every argument split over them all)
-        return deserialize_and_load(serialized, in_tree, out_tree, execution_devices=[devices[i] for i in ids])
+        exe = deserialize_and_load(serialized, in_tree, out_tree, execution_devices=[devices[i] for i in ids])
+        os.utime(_path(k))  # recently used: ``_trim`` keeps it
+        return exe
     except Exception:  # noqa: BLE001 - any unreadable entry: compile again and overwrite it
         return None
 
@@ -120,7 +123,26 @@ def _save(k: str, compiled: Any) -> None:
         _path(k).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(_path(k), [MAGIC, hashlib.sha256(payload).digest(), payload])
     except Exception:  # noqa: BLE001 - not serializable, or the cache is not writable: only later runs lose
-        pass
+        return
+    _trim(MAX_BYTES)
+
+
+def _trim(limit: int) -> None:
+    """Delete entries, least recently used first, until the directory holds at most ``limit`` bytes of them (every
+    jaxspec upgrade and new shape adds entries; the keys of old ones never come back)."""
+    assert _dir is not None
+    entries = []
+    for p in _dir.glob("*.bin"):
+        with contextlib.suppress(OSError):
+            st = p.stat()
+            entries.append((st.st_mtime, st.st_size, p))
+    total = sum(size for _, size, _ in entries)
+    for _, size, p in sorted(entries, key=lambda e: e[0]):
+        if total <= limit:
+            break
+        with contextlib.suppress(OSError):
+            p.unlink()
+        total -= size
 
 
 def _note(k: str) -> None:

@@ -102,8 +102,13 @@ class Decoder:
         final-norm hidden states (B, T, dim), as ``model.hidden`` does, and the cache.
 
         One small executable per chunk shape runs each layer in turn (a dispatch per layer), not one executable of
-        the whole model: as fast at prefill lengths, but a thirtieth of the code to compile, and to load and first
-        run on a warm start (SmolLM2, 32 tokens: 0.2 s instead of 1.0 s; `benchmarks/bench_exec_size.py`)."""
+        the whole model: as fast up to 512-token chunks, but a thirtieth of the code to compile, and to load and first
+        run on a warm start (SmolLM2, 32 tokens: 0.2 s instead of 1.0 s; `benchmarks/bench_exec_size.py`). Chunks of
+        the largest bucket (long prompts) run a ``lax.scan`` over the layers instead: at 1024 tokens one layer's
+        executable runs ~20% slower than the same layer inside a scan or an unrolled model, and a scan is as small
+        to load as one layer."""
+        if tokens.shape[1] >= PREFILL_BUCKETS[-1]:
+            return aot.call(_prefill_scan, params, self.cfg, tokens, cache, lengths, static=(1,))
         x = aot.call(_embed, params.embed, tokens)
         ks, vs = list(cache.k), list(cache.v)
         for i, layer in enumerate(params.layers):
@@ -164,6 +169,21 @@ class Decoder:
 @jax.jit
 def _embed(embed: Array, tokens: Array) -> Array:
     return embed[tokens].astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=1, donate_argnums=3)
+def _prefill_scan(params: Params, cfg: Config, tokens: Array, cache: KVCache, lengths: Array) -> tuple[Array, KVCache]:
+    """``model.hidden`` as a scan over the layers (their weights and caches stacked per call: a copy, small next to
+    a long chunk's compute), leaving the cache's lengths at ``lengths``."""
+    def layer(x: Array, lkv: tuple[Layer, Array, Array]) -> tuple[Array, tuple[Array, Array]]:
+        x, k, v = block(lkv[0], cfg, x, lkv[1], lkv[2], cache.lengths)
+        return x, (k, v)
+
+    stack = functools.partial(jax.tree.map, lambda *xs: jnp.stack(xs))
+    x, (k, v) = jax.lax.scan(layer, params.embed[tokens].astype(jnp.float32),
+                             (stack(*params.layers), jnp.stack(cache.k), jnp.stack(cache.v)))
+    h = rms_norm(x, params.norm, cfg.norm_eps).astype(params.embed.dtype)
+    return h, KVCache(tuple(k), tuple(v), lengths)
 
 
 @functools.partial(jax.jit, static_argnums=1, donate_argnums=(3, 4))

@@ -69,6 +69,31 @@ def write(path: Path, sig: Mapping[str, Any], flat: Mapping[str, Any]) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, chunks())
+    drop_orphans(path.parent)
+
+
+def _header(f: Any) -> dict[str, Any]:
+    """The JSON header of an open copy (raises on anything that is not one)."""
+    if f.read(len(MAGIC)) != MAGIC:
+        raise ValueError("not a weights copy")
+    (n,) = struct.unpack("<Q", f.read(8))
+    return json.loads(f.read(n))
+
+
+def drop_orphans(cache: Path) -> list[Path]:
+    """Delete the copies under ``cache`` whose checkpoint directory is gone (a copy is as large as its checkpoint:
+    a deleted or moved checkpoint's copy would otherwise stay for good). Returns what was deleted."""
+    gone = []
+    for p in cache.glob("*.bin"):
+        try:
+            with open(p, "rb") as f:
+                ckpt = Path(_header(f)["signature"]["checkpoint"])
+            if not ckpt.exists():
+                p.unlink()
+                gone.append(p)
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            continue  # being written, or not ours: leave it
+    return gone
 
 
 MADV_POPULATE_READ = 22  # Linux >= 5.14: fault the whole mapping in, as reads would
@@ -102,13 +127,10 @@ def read(path: Path, sig: Mapping[str, Any], device: jax.Device) -> dict[str, ja
     except (OSError, ValueError):
         return None
     try:
-        if mm[: len(MAGIC)] != MAGIC:
-            return None
-        (n,) = struct.unpack("<Q", mm[len(MAGIC) : len(MAGIC) + 8])
-        head = json.loads(mm[len(MAGIC) + 8 : len(MAGIC) + 8 + n])
+        head = _header(mm)
         if head["signature"] != sig:
             return None
-        start = _align(len(MAGIC) + 8 + n)
+        start = _align(mm.tell())
         index = head["arrays"]
         end = max((start + off + int(np.prod(shape)) * jnp.dtype(dt).itemsize for dt, shape, off in index.values()),
                   default=start)

@@ -171,3 +171,15 @@ def test_prefetch_loads_the_latest_runs_executables(params, cache, loads):
     aot.enable(cache, prefetch=True)
     assert not aot._pending
     assert generate(dec, params, [PROMPT], 10).tokens == cold.tokens
+
+
+def test_trim_deletes_least_recently_used_entries_beyond_the_limit(cache):
+    import os
+
+    for i in range(4):
+        p = cache / f"{i}.bin"
+        p.write_bytes(bytes(100))
+        os.utime(p, (1000 + i, 1000 + i))  # 0 is the least recently used
+    (cache / aot.RECENT).write_text("[]")
+    aot._trim(250)
+    assert sorted(p.name for p in cache.glob("*.bin")) == ["2.bin", "3.bin"] and (cache / aot.RECENT).exists()

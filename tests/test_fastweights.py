@@ -59,3 +59,17 @@ def test_no_copy_of_a_checkpoint_over_the_size_cap(tmp_path, ckpt, tiny_params, 
     cache = tmp_path / "fast"
     _, params, _ = checkpoint.load_checkpoint(ckpt, fast_cache=cache)
     assert same(params, tiny_params) and not list(cache.glob("*.bin"))  # orbax only, nothing written
+
+
+def test_copies_of_deleted_checkpoints_are_dropped_when_a_copy_is_written(tmp_path, tiny_cfg, tiny_params):
+    import shutil
+
+    cache = tmp_path / "fast"
+    a = checkpoint.save_params(tmp_path / "a", tiny_cfg, tiny_params)
+    b = checkpoint.save_params(tmp_path / "b", tiny_cfg, tiny_params)
+    checkpoint.load_checkpoint(a, fast_cache=cache)
+    (cache / "notes.bin").write_bytes(b"not a copy")  # not ours: left alone
+    shutil.rmtree(a)
+    checkpoint.load_checkpoint(b, fast_cache=cache)  # writing b's copy drops a's
+    left = sorted(p.name for p in cache.glob("*.bin"))
+    assert left == sorted(["notes.bin", fastweights.path_for(cache, b, tiny_cfg.dtype).name])
