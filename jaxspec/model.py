@@ -173,14 +173,34 @@ def _write(cache_arr: Array, new: Array, start: Array) -> Array:
     return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (s, 0, 0)))(cache_arr, new, start)
 
 
+QUERY_BLOCK = 128  # chunks of at least two such blocks attend block by block, each to the keys it can see
+
+
 def attend(q: Array, k_cache: Array, v_cache: Array, positions: Array) -> Array:
-    """Causal attention core of q (B, T, kv, g, hd) over all keys of k/v (B, S, kv, hd); returns (B, T, kv, g, hd)."""
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    key_pos = jnp.arange(k_cache.shape[1])
+    """Causal attention core of q (B, T, kv, g, hd) over the keys of k/v (B, S, kv, hd); returns (B, T, kv, g, hd).
+
+    A KV head's g query heads and T tokens are one (g*T, hd) matrix, so both products are plain batched matrix
+    products over (B, kv): XLA:CPU ran the (b, k, g, t) form 1.3x (one token) to 2.8x (a 256-token chunk) slower.
+    A long chunk (a prompt's) is split into ``QUERY_BLOCK`` query blocks: the chunk starts at or before S - T, so
+    block j sees no key past S - T + (j + 1) * QUERY_BLOCK, and keys after that (masked, worth exactly 0) are not
+    computed: a 1024-token chunk in a 1280-slot cache computes 35% fewer scores."""
+    B, T, kv, g, hd = q.shape
+    S, n = k_cache.shape[1], T // QUERY_BLOCK
+    if n >= 2 and T % QUERY_BLOCK == 0 and S >= T:
+        blocks = []
+        for j in range(n):
+            a, end = j * QUERY_BLOCK, S - T + (j + 1) * QUERY_BLOCK
+            blocks.append(attend(q[:, a : a + QUERY_BLOCK], k_cache[:, :end], v_cache[:, :end],
+                                 positions[:, a : a + QUERY_BLOCK]))
+        return jnp.concatenate(blocks, axis=1)
+    qm = q.transpose(0, 2, 3, 1, 4).reshape(B, kv, g * T, hd)
+    scores = jnp.einsum("bkmd,bskd->bkms", qm, k_cache, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    key_pos = jnp.arange(S)
     mask = key_pos[None, None, :] <= positions[:, :, None]  # (B, T, S)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v_cache, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores.reshape(B, kv, g, T, S), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype).reshape(B, kv, g * T, S)
+    out = jnp.einsum("bkms,bskd->bkmd", probs, v_cache, preferred_element_type=jnp.float32)
+    return out.reshape(B, kv, g, T, hd).transpose(0, 3, 1, 2, 4)
 
 
 def attention(layer: Layer, x: Array, k_cache: Array, v_cache: Array, positions: Array, start: Array,
