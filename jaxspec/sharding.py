@@ -160,9 +160,10 @@ class MeshDecoder(Decoder):
         """The empty cache, created already sharded like decode's (each device allocates only its part)."""
         return _cache_fns(self.cfg, batch, max_len, self.mesh)[0]()
 
-    def prefill_cache(self, params: Params, tokens: Array, cache: KVCache,
-                      lengths: Array) -> tuple[Array, KVCache]:
-        """Prefill with the prompt rows split over ``data`` and the cache kept in ``cache_shardings``."""
+    def prefill_cache(self, params: Params, tokens: Array, cache: KVCache, lengths: Array, fresh: bool = False
+                      ) -> tuple[Array, KVCache]:
+        """Prefill with the prompt rows split over ``data`` and the cache kept in ``cache_shardings`` (attending over
+        the whole cache, ``fresh`` or not)."""
         mesh = self.mesh
         tokens, lengths = place((tokens, lengths), (named(mesh, ("batch", "seq"), tokens.shape),
                                                     named(mesh, ("batch",), lengths.shape)))

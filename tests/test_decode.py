@@ -132,3 +132,27 @@ def test_chunked_prefill_equals_one_chunk(params, monkeypatch):
     whole = generate(Decoder(CFG), params, prompts, 8)
     monkeypatch.setattr(decode, "PREFILL_BUCKETS", (16,))
     assert generate(Decoder(CFG), params, prompts, 8).tokens == whole.tokens
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_fresh_prefill_attends_over_its_own_slots_only_and_matches(params, monkeypatch, chunk):
+    """A fresh cache's first chunk attends over its T slots, not the window: same hidden states, cache and tokens
+    as the general path (per-layer chunks, and with ``chunk`` 16 the scan over layers too)."""
+    from jaxspec import decode
+
+    if chunk:
+        monkeypatch.setattr(decode, "PREFILL_BUCKETS", (chunk,))
+    prompts = [tinymodel.progression(9, 3, 40), tinymodel.progression(4, 1, 13)]
+    dec = Decoder(CFG)
+    T = bucket(40)
+    toks = np.zeros((2, T), np.int32)
+    for b, p in enumerate(prompts):
+        toks[b, : len(p)] = p
+    out = {}
+    for fresh in (False, True):
+        cache = dec.new_cache(2, 256)
+        out[fresh] = decode.write_tokens(params, dec, cache, toks, [40, 13], [40, 13], fresh=fresh)
+    (h0, c0), (h1, c1) = out[False], out[True]
+    np.testing.assert_allclose(h1, h0, atol=1e-5, rtol=1e-5)
+    for a, b in zip(c1.k + c1.v, c0.k + c0.v, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

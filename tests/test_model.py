@@ -117,3 +117,22 @@ def test_config_validation_and_hf_round_trip():
     with pytest.raises(ValueError, match="outside"):
         SkipMask(mlp=(40,)).validate(40)
 
+
+
+@pytest.mark.parametrize("start", [0, 3, 6])
+def test_query_blocks_equal_one_block(start):
+    """A long chunk attends in query blocks, each over the keys it can see; the result is the one-block result."""
+    from jaxspec import model
+
+    B, T, S, kv, g, hd = 2, 16, 24, 2, 3, 8
+    ks = jax.random.split(jax.random.key(4), 3)
+    q = jax.random.normal(ks[0], (B, T, kv, g, hd))
+    k, v = (jax.random.normal(kk, (B, S, kv, hd)) for kk in ks[1:])
+    positions = jnp.asarray([[start], [min(start + 2, S - T)]]) + jnp.arange(T)[None]  # rows start apart
+    one = model.attend(q, k, v, positions)  # eagerly: a jit trace cached for these shapes would skip the blocks
+    old, model.QUERY_BLOCK = model.QUERY_BLOCK, 4  # 4 blocks of 4 queries
+    try:
+        blocks = model.attend(q, k, v, positions)
+    finally:
+        model.QUERY_BLOCK = old
+    np.testing.assert_allclose(blocks, one, atol=1e-6, rtol=1e-6)
