@@ -180,7 +180,8 @@ def attend(q: Array, k_cache: Array, v_cache: Array, positions: Array) -> Array:
     """Causal attention core of q (B, T, kv, g, hd) over the keys of k/v (B, S, kv, hd); returns (B, T, kv, g, hd).
 
     A KV head's g query heads and T tokens are one (g*T, hd) matrix, so both products are plain batched matrix
-    products over (B, kv): XLA:CPU ran the (b, k, g, t) form 1.3x (one token) to 2.8x (a 256-token chunk) slower.
+    products over (B, kv): the (b, k, g, t) einsums XLA:CPU ran before were about as fast for one token and 1.5x
+    slower for a 9-token verify (with the query blocks below, 3x slower for a 384-token chunk; BENCHMARKS.md).
     A long chunk (a prompt's) is split into ``QUERY_BLOCK`` query blocks: the chunk starts at or before S - T, so
     block j sees no key past S - T + (j + 1) * QUERY_BLOCK, and keys after that (masked, worth exactly 0) are not
     computed: a 1024-token chunk in a 1280-slot cache computes 35% fewer scores."""
