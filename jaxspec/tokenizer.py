@@ -22,18 +22,20 @@ import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import sentencepiece as spm
 import tokenizers
-from gguf import GGUFReader
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
 from jaxspec.files import atomic_write
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 __all__ = ["ByteLevelTokenizer", "SentencePieceTokenizer", "StreamDecoder", "Tokenizer"]
 
@@ -100,6 +102,8 @@ class Tokenizer:
     @staticmethod
     def from_gguf(reader_or_path: GGUFReader | str | os.PathLike[str]) -> Tokenizer:
         """Build the tokenizer from a GGUF file's ``tokenizer.ggml.*`` metadata (sentencepiece or byte-level BPE)."""
+        from gguf import GGUFReader  # here: gguf (and the yaml it imports) only for GGUF files, not every load
+
         reader = reader_or_path if isinstance(reader_or_path, GGUFReader) else GGUFReader(reader_or_path)
 
         def field(key: str, default: Any = None) -> Any:

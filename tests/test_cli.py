@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -268,3 +269,23 @@ def test_ctrl_c_while_importing(name):
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130 and not err, err[-2000:]
+
+
+def test_exit_skips_teardown_but_not_threads_exit_handlers_or_buffered_output(tmp_path: Path) -> None:
+    """``cli.exit`` ends with ``os._exit``: a running non-daemon thread's write, an ``atexit`` handler's and output
+    still buffered in stdout must all survive it, and the status must come through."""
+    code = f"""
+import atexit, pathlib, sys, threading, time
+from jaxspec import cli
+out = pathlib.Path({str(tmp_path)!r})
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+threading.Thread(target=lambda: (time.sleep(0.3), (out / "thread").write_text("done"))).start()
+sys.stdout.write("buffered, no newline")
+cli.exit(3)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout a buffered pipe, as usual
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert r.returncode == 3, r.stderr
+    assert r.stdout == "buffered, no newline"
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "thread").read_text() == "done"

@@ -2,7 +2,7 @@
 quietly when the reader of stdout goes away (``generate.py ... | head -c1``).
 
     if __name__ == "__main__":
-        sys.exit(cli.run(main))
+        cli.exit(cli.run(main))
 
 Standard library only (``plan.py`` runs it before jax may be imported). ``JAXSPEC_TRACEBACK=1`` re-raises instead,
 for debugging.
@@ -11,9 +11,12 @@ for debugging.
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -94,3 +97,20 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         return 2
     finally:
         argparse.ArgumentParser.error = error  # type: ignore[method-assign]
+
+
+def exit(status: int) -> NoReturn:  # noqa: A001 - the name says what a script's last line does
+    """End the process with ``status`` without the interpreter's teardown: threads joined, ``atexit`` handlers run
+    (jax's among them), stdout and stderr flushed, then ``os._exit``. After a ``generate.py`` run the teardown
+    (freeing JAX's executables and arrays module by module) takes 0.3-0.4 s here, a sixth of the whole command."""
+    run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
+    if run_exitfuncs is None:  # not CPython: the ordinary way out
+        sys.exit(status)
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join()
+    run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # the reader went away, or the stream is closed
+            stream.flush()
+    os._exit(status)

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """Console script ``jaxspec-benchmark`` (and ``python scripts/benchmark.py``)."""
-    sys.exit(cli.run(main))
+    cli.exit(cli.run(main))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """Console script ``jaxspec-convert`` (and ``python scripts/convert.py``)."""
-    sys.exit(cli.run(main))
+    cli.exit(cli.run(main))
 
 
 if __name__ == "__main__":

@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """Console script ``jaxspec-generate`` (and ``python scripts/generate.py``)."""
-    sys.exit(cli.run(main))
+    cli.exit(cli.run(main))
 
 
 if __name__ == "__main__":

@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """Console script ``jaxspec-plan`` (and ``python scripts/plan.py``)."""
-    sys.exit(cli.run(main))
+    cli.exit(cli.run(main))
 
 
 if __name__ == "__main__":

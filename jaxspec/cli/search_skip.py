@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """Console script ``jaxspec-search-skip`` (and ``python scripts/search_skip.py``)."""
-    sys.exit(cli.run(main))
+    cli.exit(cli.run(main))
 
 
 if __name__ == "__main__":
