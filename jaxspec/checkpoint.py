@@ -41,7 +41,7 @@ from jaxspec import fastweights
 from jaxspec.config import PRESETS, Config
 from jaxspec.convert import ConversionError, convert_tensors, gguf_config, iter_gguf, iter_hf
 from jaxspec.fetch import FetchError, cache_dir, fetch_wheel
-from jaxspec.model import Params, param_shapes, params_from_flat, params_to_flat
+from jaxspec.model import Layer, Params, param_shapes, params_from_flat, params_to_flat
 
 if TYPE_CHECKING:
     from jaxspec.tokenizer import Tokenizer
@@ -508,15 +508,15 @@ def load_checkpoint(path: str | Path, dtype: str | None = None, shardings: Shard
     dtype = dtype or ("float32" if jax.default_backend() == "cpu" else cfg.dtype)
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    flat = None
+    flat, stacked = None, {}
     if fast_cache is not None and (shardings is not None or jax.default_backend() != "cpu"
                                    or checkpoint_size(path / "params") > FAST_WEIGHTS_MAX_BYTES):
         fast_cache = None  # the copy pays only where device_put aliases host memory, and only for a bounded size
     if fast_cache is not None:
         fast, sig = fastweights.path_for(Path(fast_cache), path, dtype), fastweights.signature(path, dtype)
-        flat = fastweights.read(fast, sig, jax.devices()[0])
-        if flat is not None and {n: tuple(a.shape) for n, a in flat.items()} != stored:
-            flat = None
+        got = fastweights.read(fast, sig, jax.devices()[0])
+        if got is not None and {n: tuple(a.shape) for n, a in got[0].items()} == stored:
+            flat, stacked = got
     if flat is None:
         flat = _restore(path, cfg, stored, dtype, shardings)
         if fast_cache is not None:
@@ -525,14 +525,17 @@ def load_checkpoint(path: str | Path, dtype: str | None = None, shardings: Shard
             except OSError as e:  # a full or read-only cache: orbax again next time
                 print(f"jaxspec: could not write the fast weight copy {fast} ({_line(e)})", file=sys.stderr)
             else:
-                flat = fastweights.read(fast, sig, jax.devices()[0]) or flat  # the same arrays as later runs get
+                flat, stacked = fastweights.read(fast, sig, jax.devices()[0]) or (flat, {})  # as later runs get
     tokenizer = None
     if manifest.get("tokenizer"):
         try:
             tokenizer = _tokenizer().from_dir(path / "tokenizer")
         except Exception as e:
             raise CheckpointError(f"{path / 'tokenizer'}: unreadable tokenizer ({_line(e)})") from e
-    return cfg.replace(dtype=dtype), params_from_flat(cfg, flat), tokenizer
+    params = params_from_flat(cfg, flat)
+    if set(stacked) == set(Layer.__dataclass_fields__):  # the copy's layers, also stacked over the same memory
+        params = params.replace(stacked=Layer(**stacked))
+    return cfg.replace(dtype=dtype), params, tokenizer
 
 
 def _restore(path: Path, cfg: Config, stored: Mapping[str, tuple[int, ...]], dtype: str,

@@ -27,6 +27,7 @@ Array = jax.Array
 # Prefill chunk lengths, one compilation each (small: one layer's executable), at most 1.5x apart: prefill is
 # compute-bound, so every padding token costs what a real one does. Longer prompts go in 1024s, then a bucket.
 PREFILL_BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+SCAN_FROM = 768  # chunks this long (or of the largest bucket) run the layers as a scan, shorter ones per layer
 MIN_WINDOW = 256  # smallest cache capacity; it doubles as the sequence grows (attention reads the whole capacity)
 
 
@@ -106,10 +107,10 @@ class Decoder:
         One small executable per chunk shape runs each layer in turn (a dispatch per layer), not one executable of
         the whole model: as fast up to 512-token chunks, but a thirtieth of the code to compile, and to load and first
         run on a warm start (SmolLM2, 32 tokens: 0.2 s instead of 1.0 s; `benchmarks/bench_exec_size.py`). Chunks of
-        the largest bucket (long prompts) run a ``lax.scan`` over the layers instead: at 1024 tokens one layer's
-        executable runs ~20% slower than the same layer inside a scan or an unrolled model, and a scan is as small
-        to load as one layer."""
-        if tokens.shape[1] >= PREFILL_BUCKETS[-1]:
+        ``SCAN_FROM`` tokens or more run a ``lax.scan`` over the layers instead: at 768-1024 tokens one layer's
+        executable runs 6-25% slower than the same layer inside a scan (BENCHMARKS.md, "Prefill, session 10"), and
+        a scan is as small to load as one layer."""
+        if tokens.shape[1] >= min(SCAN_FROM, PREFILL_BUCKETS[-1]):
             return aot.call(_prefill_scan, params, self.cfg, tokens, cache, lengths, fresh, static=(1, 5))
         x = aot.call(_embed, params.embed, tokens)
         ks, vs = list(cache.k), list(cache.v)
@@ -189,15 +190,18 @@ def _block(layer: Layer, cfg: Config, x: Array, k: Array, v: Array, start: Array
 @functools.partial(jax.jit, static_argnums=(1, 5), donate_argnums=3)
 def _prefill_scan(params: Params, cfg: Config, tokens: Array, cache: KVCache, lengths: Array, fresh: bool = False
                   ) -> tuple[Array, KVCache]:
-    """``model.hidden`` as a scan over the layers (their weights and caches stacked per call: a copy, small next to
-    a long chunk's compute), leaving the cache's lengths at ``lengths``."""
+    """``model.hidden`` as a scan over the layers, leaving the cache's lengths at ``lengths``. The layers' weights
+    are ``params.stacked`` where the loader mapped them so (no copy), else stacked per call (SmolLM2: ~0.25 s of a
+    1024-token chunk's ~2 s here); the caches are stacked per call (a copy, small next to the chunk's compute)."""
     def layer(x: Array, lkv: tuple[Layer, Array, Array]) -> tuple[Array, tuple[Array, Array]]:
         x, k, v = _block(lkv[0], cfg, x, lkv[1], lkv[2], cache.lengths, fresh)
         return x, (k, v)
 
-    stack = functools.partial(jax.tree.map, lambda *xs: jnp.stack(xs))
+    weights = params.stacked
+    if weights is None:
+        weights = jax.tree.map(lambda *xs: jnp.stack(xs), *params.layers)
     x, (k, v) = jax.lax.scan(layer, params.embed[tokens].astype(jnp.float32),
-                             (stack(*params.layers), jnp.stack(cache.k), jnp.stack(cache.v)))
+                             (weights, jnp.stack(cache.k), jnp.stack(cache.v)))
     h = rms_norm(x, params.norm, cfg.norm_eps).astype(params.embed.dtype)
     return h, KVCache(tuple(k), tuple(v), lengths)
 

@@ -1,8 +1,11 @@
 """A memory-mappable copy of a checkpoint's parameters, for fast warm loads (orbax stays the source of truth).
 
 One file per checkpoint directory and dtype: a JSON header (the checkpoint's signature; every array's name, dtype,
-shape and offset), then the raw arrays, each page-aligned. Loading maps the file read-only and hands each array to
-``jax.device_put``, which aliases aligned read-only host memory on XLA:CPU (no copy: pages are read on first use).
+shape and offset), then the raw arrays. Loading maps the file read-only and hands each array to ``jax.device_put``,
+which aliases 64-byte-aligned read-only host memory on XLA:CPU (no copy: pages are read on first use). The layers'
+arrays of one kind (``layers.{i}.wq`` for every i) lie back to back, so the same bytes are also one stacked
+(n_layers, ...) array, at no cost in memory: the long-prompt prefill scans over those instead of stacking ~0.2 s of
+SmolLM2's weights per call.
 The signature (manifest bytes, every parameter file's size and mtime) must match the checkpoint, else the copy is
 ignored and ``write`` replaces it (atomically).
 """
@@ -13,6 +16,7 @@ import ctypes
 import hashlib
 import json
 import mmap
+import re
 import struct
 import sys
 import threading
@@ -24,8 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MAGIC = b"jaxspec-weights-1\n"
+MAGIC = b"jaxspec-weights-2\n"  # 2: the layers' arrays of a kind back to back
 ALIGN = 4096
+VIEW_ALIGN = 64  # what device_put needs to alias host memory
+LAYER = re.compile(r"layers\.(\d+)\.(\w+)")
 
 
 def path_for(cache: Path, ckpt: Path, dtype: str) -> Path:
@@ -51,11 +57,14 @@ def write(path: Path, sig: Mapping[str, Any], flat: Mapping[str, Any]) -> None:
     """Write ``flat`` (name → array) with signature ``sig`` to ``path`` (atomically)."""
     from jaxspec.files import atomic_write
 
-    arrays = {n: np.asarray(a) for n, a in flat.items()}
-    index, offset = {}, 0
+    arrays = dict(sorted(((n, np.asarray(a)) for n, a in flat.items()), key=lambda na: _order(na[0])))
+    index, offset, prev = {}, 0, None
     for n, a in arrays.items():
-        index[n] = [str(a.dtype), list(a.shape), offset]
-        offset = _align(offset + a.nbytes)
+        m = LAYER.fullmatch(n)
+        kind = m and m.group(2)
+        if not (kind and kind == prev and a.nbytes % VIEW_ALIGN == 0):
+            offset = _align(offset)  # a new group starts on a page; a layer's next array of the same kind follows on
+        index[n], offset, prev = [str(a.dtype), list(a.shape), offset], offset + a.nbytes, kind
     head = json.dumps({"signature": sig, "arrays": index}).encode()
     start = _align(len(MAGIC) + 8 + len(head))
 
@@ -70,6 +79,12 @@ def write(path: Path, sig: Mapping[str, Any], flat: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, chunks())
     drop_orphans(path.parent)
+
+
+def _order(name: str) -> tuple[str, int]:
+    """File order: the other arrays by name, then each kind of layer array in layer order."""
+    m = LAYER.fullmatch(name)
+    return ("~" + m.group(2), int(m.group(1))) if m else (name, 0)
 
 
 def _header(f: Any) -> dict[str, Any]:
@@ -119,8 +134,10 @@ def _populate_in_background(mm: mmap.mmap) -> None:
     threading.Thread(target=populate, name="fastweights-populate", daemon=True).start()
 
 
-def read(path: Path, sig: Mapping[str, Any], device: jax.Device) -> dict[str, jax.Array] | None:
-    """The arrays of the copy at ``path`` on ``device``, or None if it is missing, damaged or stale."""
+def read(path: Path, sig: Mapping[str, Any], device: jax.Device
+         ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]] | None:
+    """The arrays of the copy at ``path`` on ``device`` and, per layer array kind whose arrays lie back to back
+    (``wq``, ...), the same bytes as one (n_layers, ...) array; None if the copy is missing, damaged or stale."""
     try:
         with open(path, "rb") as f:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -139,8 +156,21 @@ def read(path: Path, sig: Mapping[str, Any], device: jax.Device) -> dict[str, ja
         mm.madvise(mmap.MADV_WILLNEED)  # read ahead while the caller goes on
         _populate_in_background(mm)
         where = jax.sharding.SingleDeviceSharding(device)
-        return {name: jax.device_put(np.frombuffer(mm, jnp.dtype(dt), int(np.prod(shape)), start + off)
-                                     .reshape(shape), where)
-                for name, (dt, shape, off) in index.items()}
+
+        def put(dt: str, shape: list[int], off: int) -> jax.Array:
+            return jax.device_put(np.frombuffer(mm, jnp.dtype(dt), int(np.prod(shape)), start + off).reshape(shape),
+                                  where)
+
+        kinds: dict[str, list[list]] = {}
+        for name, entry in index.items():
+            if m := LAYER.fullmatch(name):
+                kinds.setdefault(m.group(2), []).append([int(m.group(1)), *entry])
+        stacked = {}
+        for kind, rows in kinds.items():
+            rows.sort()
+            (_, dt, shape, off), size = rows[0], int(np.prod(rows[0][2])) * jnp.dtype(rows[0][1]).itemsize
+            if all(r[0] == i and r[1:3] == [dt, shape] and r[3] == off + i * size for i, r in enumerate(rows)):
+                stacked[kind] = put(dt, [len(rows), *shape], off)
+        return {name: put(*entry) for name, entry in index.items()}, stacked
     except (ValueError, KeyError, TypeError, struct.error):
         return None

@@ -66,6 +66,7 @@ class Params:
     norm: Array
     lm_head: Array | None  # None when the embeddings are tied
     draft: Any = None  # a cheap copy for speculative drafts only (``draft_model.DraftParams``), or None
+    stacked: Layer | None = None  # the layers' weights as (n_layers, ...) arrays over the same memory, or None
 
 
 def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:

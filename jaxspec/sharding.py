@@ -105,7 +105,7 @@ def param_shardings(cfg: Config, mesh: Mesh) -> Params:
 def shard_params(params: Params, cfg: Config, mesh: Mesh) -> Params:
     """Place (or move) parameters onto ``mesh``. To load a checkpoint sharded, prefer
     ``load_checkpoint(path, shardings=param_sharding_fn(mesh))``, which never gathers a whole array on a host."""
-    return place(params, param_shardings(cfg, mesh))
+    return place(params.replace(stacked=None), param_shardings(cfg, mesh))  # a stacked view would be a 2nd copy
 
 
 def cache_shardings(cache: KVCache | Any, mesh: Mesh) -> KVCache:

@@ -73,3 +73,35 @@ def test_copies_of_deleted_checkpoints_are_dropped_when_a_copy_is_written(tmp_pa
     checkpoint.load_checkpoint(b, fast_cache=cache)  # writing b's copy drops a's
     left = sorted(p.name for p in cache.glob("*.bin"))
     assert left == sorted(["notes.bin", fastweights.path_for(cache, b, tiny_cfg.dtype).name])
+
+
+def test_layers_also_load_stacked_over_the_same_memory(tmp_path, ckpt, tiny_cfg, tiny_params, monkeypatch):
+    """The copy keeps each kind of layer array back to back, so ``params.stacked`` is the layers' arrays stacked,
+    aliasing their bytes (no second copy), and the long-chunk prefill scan over it writes what stacking per call
+    writes."""
+    from jaxspec import decode
+    from jaxspec.model import Layer
+
+    cache = tmp_path / "fast"
+    for _ in range(2):  # the load that writes the copy, and one from it
+        _, params, _ = checkpoint.load_checkpoint(ckpt, fast_cache=cache)
+        assert params.stacked is not None
+        for kind in Layer.__dataclass_fields__:
+            whole, parts = getattr(params.stacked, kind), [getattr(layer, kind) for layer in params.layers]
+            np.testing.assert_array_equal(np.asarray(whole), np.stack([np.asarray(p) for p in parts]))
+            assert [p.unsafe_buffer_pointer() - whole.unsafe_buffer_pointer() for p in parts] == \
+                [i * parts[0].nbytes for i in range(len(parts))]
+    _, orbax_only, _ = checkpoint.load_checkpoint(ckpt)
+    assert orbax_only.stacked is None and same(orbax_only, params)
+
+    monkeypatch.setattr(decode, "PREFILL_BUCKETS", (16,))  # 16-token chunks run the scan over layers
+    dec = decode.Decoder(tiny_cfg)
+    toks = np.arange(1, 33, dtype=np.int32)[None] % tiny_cfg.vocab_size
+    out = [decode.write_tokens(p, dec, dec.new_cache(1, 64), toks, [32], [32], fresh=True)
+           for p in (params, params.replace(stacked=None))]
+    np.testing.assert_array_equal(np.asarray(out[0][0]), np.asarray(out[1][0]))
+    for a, b in zip(out[0][1].k + out[0][1].v, out[1][1].k + out[1][1].v, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    poisoned = params.replace(stacked=jax.tree.map(lambda a: a * 0, params.stacked))  # the scan reads the view
+    h, _ = decode.write_tokens(poisoned, dec, dec.new_cache(1, 64), toks, [32], [32], fresh=True)
+    assert not np.array_equal(np.asarray(h), np.asarray(out[0][0]))
