@@ -4,7 +4,7 @@ One file per checkpoint directory and dtype: a JSON header (the checkpoint's sig
 shape and offset), then the raw arrays. Loading maps the file read-only and hands each array to ``jax.device_put``,
 which aliases 64-byte-aligned read-only host memory on XLA:CPU (no copy: pages are read on first use). The layers'
 arrays of one kind (``layers.{i}.wq`` for every i) lie back to back, so the same bytes are also one stacked
-(n_layers, ...) array, at no cost in memory: the long-prompt prefill scans over those instead of stacking ~0.2 s of
+(n_layers, ...) array, at no cost in memory: the long-prompt prefill scans over those instead of stacking ~0.25 s of
 SmolLM2's weights per call.
 The signature (manifest bytes, every parameter file's size and mtime) must match the checkpoint, else the copy is
 ignored and ``write`` replaces it (atomically).
