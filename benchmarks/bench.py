@@ -4,7 +4,7 @@
     python benchmarks/bench.py --hf-python /path/to/venv-hf/bin/python   # HF transformers from another venv
     python benchmarks/bench.py --ssd light --ssd attn-half       # + self-speculative decoding for named masks
     python benchmarks/bench.py --probe-variants                  # every bandwidth probe variant, then exit
-    python benchmarks/bench.py --rows-probe                      # the weights' products at 1, 2, 4, 8 rows, then exit
+    python benchmarks/bench.py --rows-probe                      # the weights' products at 1-32 rows, XLA vs kernel
     python benchmarks/bench.py --prefill-lengths 39,65,257,1025  # prefill at those prompt lengths, two bucket sets
 
 Prints a markdown report: AR tokens/s, the memory-bandwidth roofline, the peers (llama.cpp through
@@ -34,7 +34,7 @@ from jaxspec.checkpoint import load, smollm2_gguf_path  # noqa: E402
 from jaxspec.config import Config, SkipMask  # noqa: E402
 from jaxspec.decode import MIN_WINDOW, Decoder, Result, generate, prefill  # noqa: E402
 from jaxspec.fetch import cache_dir  # noqa: E402
-from jaxspec.model import KVCache, Params, forward  # noqa: E402
+from jaxspec.model import KVCache, Params, forward, project  # noqa: E402
 from jaxspec.profile import named_masks  # noqa: E402
 from jaxspec.roofline import VARIANTS, bandwidth_probe, bytes_per_token, median_s  # noqa: E402
 from jaxspec.speculative import SpecDecoder  # noqa: E402
@@ -138,35 +138,48 @@ def probe_table() -> None:
         print(f"| {name} | {' / '.join(f'{r[name]:.1f}' for r in rounds)} |")
 
 
-def rows_table(params: Params, rows: tuple[int, ...] = (1, 2, 4, 8), repeats: int = 20) -> None:
+def rows_table(params: Params, rows: tuple[int, ...] = (1, 2, 5, 9, 13, 16, 32), repeats: int = 10) -> None:
     """What verify pays per row on this backend: the model's weight products alone (every layer's seven matrices
     and the head, each read once, in the model's dependency order: no attention, norms or cache) at T rows, as ms
-    and GB/s; each T's fastest call and median, the T's interleaved over two rounds."""
+    and GB/s, through XLA's dots and through ``cpu_matmul``'s kernel (where it is built); medians, the T's and the
+    two paths interleaved over two rounds."""
+    from jaxspec import cpu_matmul
+
     def chain(p: Params, x: jax.Array) -> jax.Array:
         for ly in p.layers:
-            d = ly.wq.shape[0]
-            q, k, v = (x @ w.reshape(d, -1) for w in (ly.wq, ly.wk, ly.wv))
-            x = x + q @ ly.wo.reshape(-1, d) + 1e-30 * (k.sum() + v.sum())
-            x = x + (jax.nn.silu(x @ ly.w_gate) * (x @ ly.w_up)) @ ly.w_down
-        return x @ p.embed.T if p.lm_head is None else x @ p.lm_head
+            q, k, v = project(x, ly.wq, ly.wk, ly.wv)
+            (o,) = project(q, ly.wo, n_in=2)
+            x = x + o + 1e-30 * (k.sum() + v.sum())
+            g, u = project(x, ly.w_gate, ly.w_up)
+            x = x + project(jax.nn.silu(g) * u, ly.w_down)[0]
+        return cpu_matmul.matmul_t(x, p.embed) if p.lm_head is None else project(x, p.lm_head)[0]
 
-    f = jax.jit(chain)
+    paths = {"XLA dots": False} | ({"kernel": True} if cpu_matmul.active() else {})
+    fns = {}
+    for name, on in paths.items():  # traced (and so compiled) under each setting
+        with cpu_matmul.enabled(on):
+            fns[name] = jax.jit(lambda p, x: chain(p, x))
+            for t in rows:
+                jax.block_until_ready(fns[name](params, jnp.ones((t, params.embed.shape[1]), params.embed.dtype)))
     nbytes = sum(a.nbytes for a in jax.tree.leaves(params.layers)) + params.embed.nbytes
-    times: dict[int, list[float]] = {t: [] for t in rows}
+    times: dict[tuple[str, int], list[float]] = {(n, t): [] for n in fns for t in rows}
     for _ in range(2):
         for t in rows:
             x = jnp.ones((t, params.embed.shape[1]), params.embed.dtype)
-            jax.block_until_ready(f(params, x))
-            for _ in range(repeats // 2):
-                t0 = time.perf_counter()
-                jax.block_until_ready(f(params, x))
-                times[t].append(time.perf_counter() - t0)
-    base = statistics.median(times[rows[0]])
-    print(f"load average {os.getloadavg()}, {nbytes / 1e6:.0f} MB of weights\n\n"
-          "| rows | median ms | fastest ms | GB/s (median) | × 1 row |\n|---|---|---|---|---|")
+            for n, f in fns.items():
+                for _ in range(repeats // 2):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(f(params, x))
+                    times[n, t].append(time.perf_counter() - t0)
+    print(f"load average {os.getloadavg()}, {nbytes / 1e6:.0f} MB of weights, kernel threads "
+          f"{cpu_matmul.threads()}\n\n| rows | " + " | ".join(f"{n}: ms, GB/s, × 1 row" for n in fns)
+          + (" | XLA / kernel |" if len(fns) == 2 else " |") + "\n|---|" + "---|" * (len(fns) + (len(fns) == 2)))
     for t in rows:
-        m = statistics.median(times[t])
-        print(f"| {t} | {m * 1e3:.1f} | {min(times[t]) * 1e3:.1f} | {nbytes / m / 1e9:.1f} | {m / base:.2f} |")
+        med = {n: statistics.median(times[n, t]) for n in fns}
+        cells = [f"{m * 1e3:.1f}, {nbytes / m / 1e9:.1f}, {m / statistics.median(times[n, rows[0]]):.2f}"
+                 for n, m in med.items()]
+        ratio = [f"{med['XLA dots'] / med['kernel']:.2f}"] if len(fns) == 2 else []
+        print(f"| {t} | " + " | ".join(cells + ratio) + " |")
 
 
 def prefill_table(params: Params, cfg: Config, lengths: tuple[int, ...], max_new: int, rounds: int = 3,
@@ -215,7 +228,8 @@ def main() -> None:
     ap.add_argument("--hf-python", help="python of a venv with torch + transformers + gguf for the HF peer row")
     ap.add_argument("--no-peers", action="store_true", help="skip llama.cpp and HF transformers")
     ap.add_argument("--probe-variants", action="store_true", help="print every bandwidth probe variant and exit")
-    ap.add_argument("--rows-probe", action="store_true", help="print the weight products' cost at 1-8 rows and exit")
+    ap.add_argument("--rows-probe", action="store_true",
+                    help="print the weight products' cost at 1-32 rows (XLA dots and the CPU kernel) and exit")
     ap.add_argument("--prefill-lengths", default="", help="comma-separated prompt lengths: prefill with the fine "
                     "and a coarse bucket set, then exit")
     args = ap.parse_args()

@@ -3,8 +3,9 @@ serialized by an earlier run when one matches, skipping Python tracing and lower
 
 Off until ``enable(directory)`` (``generate.py`` does). An entry's key covers the function, its static arguments'
 ``repr``, the dynamic arguments' tree, shapes, dtypes and placement, jax/jaxlib versions, backend, devices, compiler
-flags and the jaxspec sources; a missing, unreadable, corrupt or foreign file is ignored and rewritten. Inputs that
-are not single-device ``jax.Array``s (``sharding.MeshDecoder``'s, Python scalars) use plain jit.
+flags, the jaxspec sources and whether products use ``cpu_matmul``'s kernel; a missing, unreadable, corrupt or
+foreign file is ignored and rewritten. Inputs that are not single-device ``jax.Array``s (``sharding.MeshDecoder``'s,
+Python scalars) use plain jit.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _environment() -> str:
 
     src = hashlib.sha256()
     root = Path(__file__).resolve().parent
-    for f in sorted(root.rglob("*.py")):
+    for f in sorted([*root.rglob("*.py"), *root.rglob("*.cc")]):
         src.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     devs = jax.devices()
     return json.dumps([jax.__version__, jaxlib.__version__, jax.default_backend(), devs[0].client.platform_version,
@@ -70,7 +71,9 @@ def _environment() -> str:
 
 def key(fn: Callable, args: Sequence[Any], static: tuple[int, ...]) -> str | None:
     """The cache key of ``fn(*args)`` (None: not cacheable, use plain jit)."""
-    parts = [_environment(), f"{fn.__module__}.{fn.__qualname__}"]
+    from jaxspec import cpu_matmul
+
+    parts = [_environment(), cpu_matmul.state(), f"{fn.__module__}.{fn.__qualname__}"]
     for i in static:
         r = repr(args[i])
         if " at 0x" in r:  # an object without a value repr: equal-looking keys could mean different programs

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec import cpu_matmul
 from jaxspec.config import Config, SkipMask
 
 Array = jax.Array
@@ -205,27 +206,34 @@ def attend(q: Array, k_cache: Array, v_cache: Array, positions: Array) -> Array:
     return out.reshape(B, kv, g, T, hd).transpose(0, 3, 1, 2, 4)
 
 
+def project(x: Array, *ws: Array, n_in: int = 1) -> list[Array]:
+    """float32 ``x @ w`` for each weight, contracting x's last ``n_in`` axes with w's first ``n_in``
+    (``cpu_matmul``: one kernel call for all of them on CPU at few rows)."""
+    lead, k = x.shape[:-n_in], math.prod(x.shape[-n_in:])
+    outs = cpu_matmul.matmul(x.reshape(-1, k), *(w.reshape(k, -1) for w in ws))
+    return [y.reshape(*lead, *w.shape[n_in:]) for y, w in zip(outs, ws, strict=True)]
+
+
 def attention(layer: Layer, x: Array, k_cache: Array, v_cache: Array, positions: Array, start: Array,
               cfg: Config) -> tuple[Array, Array, Array]:
     """Causal GQA attention of a T-token chunk against the cache; returns (out, k_cache, v_cache)."""
     B, T, _ = x.shape
     kv, g, hd = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
-    q = rope(jnp.einsum("btd,dhk->bthk", x, layer.wq), positions, cfg.rope_theta)
-    k = rope(jnp.einsum("btd,dhk->bthk", x, layer.wk), positions, cfg.rope_theta)
-    v = jnp.einsum("btd,dhk->bthk", x, layer.wv)
+    q, k, v = project(x, layer.wq, layer.wk, layer.wv)
+    q = rope(q.astype(x.dtype), positions, cfg.rope_theta)
+    k = rope(k.astype(x.dtype), positions, cfg.rope_theta)
     k_cache = _write(k_cache, k.astype(k_cache.dtype), start)
     v_cache = _write(v_cache, v.astype(v_cache.dtype), start)
-    out = attend(q.reshape(B, T, kv, g, hd), k_cache, v_cache, positions).reshape(B, T, cfg.n_heads, hd)
-    return jnp.einsum("bthk,hkd->btd", out.astype(layer.wo.dtype), layer.wo, preferred_element_type=jnp.float32), \
-        k_cache, v_cache
+    out = attend(q.reshape(B, T, kv, g, hd), k_cache, v_cache, positions)
+    (o,) = project(out.reshape(B, T, cfg.n_heads, hd).astype(layer.wo.dtype), layer.wo, n_in=2)
+    return o, k_cache, v_cache
 
 
 def mlp(layer: Layer, x: Array) -> Array:
     """SwiGLU MLP of weight-dtype input ``x``; float32 output (for the float32 residual stream)."""
-    gate = jnp.einsum("btd,df->btf", x, layer.w_gate, preferred_element_type=jnp.float32)
-    up = jnp.einsum("btd,df->btf", x, layer.w_up, preferred_element_type=jnp.float32)
-    act = (jax.nn.silu(gate) * up).astype(layer.w_down.dtype)
-    return jnp.einsum("btf,fd->btd", act, layer.w_down, preferred_element_type=jnp.float32)
+    gate, up = project(x, layer.w_gate, layer.w_up)
+    (down,) = project((jax.nn.silu(gate) * up).astype(layer.w_down.dtype), layer.w_down)
+    return down
 
 
 def hidden(params: Params, cfg: Config, tokens: Array, cache: KVCache,
@@ -263,9 +271,10 @@ def block(layer: Layer, cfg: Config, x: Array, k_cache: Array, v_cache: Array, s
 
 def logits_of(params: Params, x: Array) -> Array:
     """Project hidden states (..., dim) to float32 vocabulary logits."""
+    lead = x.shape[:-1]
     if params.lm_head is None:
-        return jnp.einsum("...d,vd->...v", x, params.embed, preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", x, params.lm_head, preferred_element_type=jnp.float32)
+        return cpu_matmul.matmul_t(x.reshape(-1, x.shape[-1]), params.embed).reshape(*lead, -1)
+    return project(x, params.lm_head)[0]
 
 
 def forward(params: Params, cfg: Config, tokens: Array, cache: KVCache,

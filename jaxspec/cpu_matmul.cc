@@ -1,0 +1,365 @@
+// Few-row float32 matrix products for XLA:CPU, on every core (see cpu_matmul.py for why and when).
+//
+//   jaxspec_matmul_nn: y[r, n] = sum_k x[r, k] * w[k, n]   (w is (K, N): the model's (in, out) weights)
+//   jaxspec_matmul_nt: y[r, n] = sum_k x[r, k] * w[n, k]   (w is (N, K): the tied embedding as the head)
+//
+// Output columns are split between threads (the caller and a persistent pool of spinning workers), so each
+// weight byte is read once, by one core. Every output element is summed in the same order whatever the number of
+// rows or threads: a 9-row verify gives bit-identical products to nine 1-row steps.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <pthread.h>
+#include <sched.h>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() asm volatile("yield")
+#else
+#define CPU_RELAX()
+#endif
+
+namespace ffi = xla::ffi;
+
+// One vector register of floats, and how many of them may hold accumulators (the rest: weights, a broadcast).
+#ifdef __AVX512F__
+constexpr int kLanes = 16, kAcc = 28;
+#else
+constexpr int kLanes = 8, kAcc = 12;  // AVX2 (or anything else: the compiler splits or scalarizes)
+#endif
+typedef float v16 __attribute__((vector_size(4 * kLanes)));
+
+static inline v16 load(const float* p) { v16 v; __builtin_memcpy(&v, p, sizeof v); return v; }
+static inline void store(float* p, v16 v) { __builtin_memcpy(p, &v, sizeof v); }
+// a * b + c rounded once where the CPU has FMA, else twice; explicit, because the library is compiled with
+// -ffp-contract=off: a compiler free to fuse some products and not others (it was, per template instance) would
+// break the same-bits-at-any-row-count promise.
+#if defined(__AVX512F__)
+static inline v16 fma(v16 a, v16 b, v16 c) { return (v16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+#elif defined(__FMA__)
+static inline v16 fma(v16 a, v16 b, v16 c) { return (v16)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+#else
+static inline v16 fma(v16 a, v16 b, v16 c) { return a * b + c; }
+#endif
+
+static inline v16 splat(float f) {
+  const v16 v = {f};
+#ifdef __AVX512F__
+  return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+#else
+  return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// NN: y = x @ w over w's rows in panels of kPanel contiguous rows (a few sequential streams, which the
+// prefetchers follow); within a panel, tiles of 2 vectors of columns are updated for kRows x rows at a time, the
+// running sums in registers (between panels, in y, which stays in L1/L2). A panel's tile comes from memory for the
+// first block of x rows and from L1 for the others. Each output element is summed in order k = 0, ..., K - 1
+// whatever R is.
+constexpr int64_t kPanel = 8;
+constexpr int64_t kAhead = 2 * kPanel;  // software prefetch distance in weight rows (+15-50% at 2-9 rows)
+constexpr int kRows = kAcc / 2;  // rows per register block: kRows x 2 accumulators
+
+template <int RB, int V>
+static void nn_micro(const float* x, int64_t ldx, const float* w, int64_t N, float* y, int64_t b0, int64_t b1,
+                     int64_t k0, int64_t k1) {
+  for (int64_t c = b0; c + kLanes * V <= b1; c += kLanes * V) {
+    v16 acc[RB][V];
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < V; ++v) acc[r][v] = k0 == 0 ? v16{} : load(y + r * N + c + kLanes * v);
+    const float* wp = w + k0 * N + c;
+    const float* xp = x + k0;
+    for (int64_t k = k0; k < k1; ++k, wp += N, ++xp) {
+      __builtin_prefetch(wp + kAhead * N);
+      v16 wv[V];
+      for (int v = 0; v < V; ++v) wv[v] = load(wp + kLanes * v);
+      for (int r = 0; r < RB; ++r) {
+        const v16 xs = splat(xp[r * ldx]);
+        for (int v = 0; v < V; ++v) acc[r][v] = fma(xs, wv[v], acc[r][v]);
+      }
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < V; ++v) store(y + r * N + c + kLanes * v, acc[r][v]);
+  }
+}
+
+template <int RB>
+static void nn_rows(const float* x, int64_t ldx, const float* w, int64_t N, float* y, int64_t b0, int64_t b1,
+                    int64_t k0, int64_t k1) {
+  const int64_t bt = b0 + (b1 - b0) / (2 * kLanes) * (2 * kLanes);
+  nn_micro<RB, 2>(x, ldx, w, N, y, b0, bt, k0, k1);
+  nn_micro<RB, 1>(x, ldx, w, N, y, bt, b1, k0, k1);
+}
+
+typedef void (*NNRows)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t);
+template <int... RB>
+struct NNTable {
+  static constexpr NNRows fns[] = {nullptr, nn_rows<RB>...};
+};
+#ifdef __AVX512F__
+static constexpr auto& kNNRows = NNTable<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14>::fns;
+#else
+static constexpr auto& kNNRows = NNTable<1, 2, 3, 4, 5, 6>::fns;
+#endif
+
+// y (R, N) = x[:, :K] @ w[:K, :] for x rows of stride ldx.
+static void nn(const float* x, int64_t R, int64_t K, int64_t ldx, const float* w, int64_t N, float* y) {
+  const int64_t nl = N / kLanes * kLanes;
+  if (K == 0) std::fill(y, y + R * N, 0.f);
+  for (int64_t k0 = 0; k0 < K; k0 += kPanel) {
+    const int64_t k1 = std::min(K, k0 + kPanel);
+    for (int64_t r = 0; r < R; r += kRows) {
+      const int64_t rb = std::min<int64_t>(kRows, R - r);
+      kNNRows[rb](x + r * ldx, ldx, w, N, y + r * N, 0, nl, k0, k1);
+    }
+  }
+  for (int64_t c = nl; c < N; ++c)  // ragged last columns (N not a multiple of kLanes): plain, same order
+    for (int64_t r = 0; r < R; ++r) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += x[r * ldx + k] * w[k * N + c];
+      y[r * N + c] = s;
+    }
+}
+
+// NT: y[r, n] = dot(x[r, :], w[n, :]) for n in [c0, c1): kGroup weight rows at a time, each read from memory once
+// and from L1 for every further x row; per (r, n), lane-wise partial sums, then a fixed pairwise tree.
+constexpr int kGroup = 4;  // weight rows per block (twice as many for a single x row)
+
+static inline float hsum(v16 v) {
+  float s[kLanes];
+  store(s, v);
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int i = 0; i < width; ++i) s[i] += s[i + width];
+  return s[0];
+}
+
+template <int RB, int G>
+static void nt_block(const float* x, int64_t K, const float* w, int64_t N, float* y, int64_t n) {
+  const int64_t KL = K / kLanes * kLanes;
+  v16 acc[RB][G];
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < G; ++j) acc[r][j] = v16{};
+  for (int64_t k = 0; k < KL; k += kLanes) {
+    v16 wv[G];
+    for (int j = 0; j < G; ++j) wv[j] = load(w + (n + j) * K + k);
+    for (int r = 0; r < RB; ++r) {
+      const v16 xv = load(x + r * K + k);
+      for (int j = 0; j < G; ++j) acc[r][j] = fma(xv, wv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int j = 0; j < G; ++j) {
+      float s = hsum(acc[r][j]);
+      for (int64_t k = KL; k < K; ++k) s += x[r * K + k] * w[(n + j) * K + k];
+      y[r * N + n + j] = s;
+    }
+}
+
+static void nt_cols(const float* x, int64_t R, int64_t K, const float* w, int64_t N, float* y, int64_t c0,
+                    int64_t c1) {
+  int64_t n = c0;
+  if (R == 1) {  // one x row: more weight rows in flight
+    for (; n + 2 * kGroup <= c1; n += 2 * kGroup) nt_block<1, 2 * kGroup>(x, K, w, N, y, n);
+  } else {
+    for (; n + kGroup <= c1; n += kGroup) {
+      int64_t r = 0;
+      constexpr int RB = kAcc / kGroup;
+      for (; r + RB <= R; r += RB) nt_block<RB, kGroup>(x + r * K, K, w, N, y + r * N, n);
+      for (; r + 2 <= R; r += 2) nt_block<2, kGroup>(x + r * K, K, w, N, y + r * N, n);
+      for (; r < R; ++r) nt_block<1, kGroup>(x + r * K, K, w, N, y + r * N, n);
+    }
+  }
+  for (; n < c1; ++n)
+    for (int64_t r = 0; r < R; ++r) nt_block<1, 1>(x + r * K, K, w, N, y + r * N, n);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// A pool of workers that spin for a while after each job (decode issues one every few microseconds), then sleep.
+constexpr int kMaxThreads = 64;
+
+class Pool {
+ public:
+  typedef void (*Job)(void* ctx, int part, int parts);
+
+  Pool() {
+    int n = 1;
+    if (const char* env = std::getenv("JAXSPEC_MATMUL_THREADS")) {
+      n = std::atoi(env);
+    } else {
+      cpu_set_t set;
+      if (sched_getaffinity(0, sizeof set, &set) == 0) n = CPU_COUNT(&set);
+    }
+    threads_ = std::clamp(n, 1, kMaxThreads);
+    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this, i] { Work(i); });
+  }
+  int threads() const { return threads_; }
+
+  // Runs job(ctx, part, parts) for every part of `parts` (at most threads()); the caller does part 0. A caller that
+  // finds the pool busy (XLA running two products at once) does every part itself: the parts, and so the result,
+  // do not depend on who runs them.
+  void Run(Job job, void* ctx, int parts) {
+    std::unique_lock<std::mutex> lock(mu_, std::try_to_lock);
+    if (!lock.owns_lock() || parts == 1) {
+      for (int i = 0; i < parts; ++i) job(ctx, i, parts);
+      return;
+    }
+    job_ = job;
+    ctx_ = ctx;
+    parts_ = parts;
+    pending_.store(threads_ - 1, std::memory_order_relaxed);
+    gen_.fetch_add(1, std::memory_order_release);
+    if (sleepers_.load(std::memory_order_acquire) > 0) gen_.notify_all();
+    job(ctx, 0, parts);
+    while (pending_.load(std::memory_order_acquire) > 0) CPU_RELAX();
+  }
+
+ private:
+  void Work(int part) {
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t g = gen_.load(std::memory_order_acquire);
+      for (int spin = 0; g == seen && spin < kSpins; ++spin) {
+        CPU_RELAX();
+        g = gen_.load(std::memory_order_acquire);
+      }
+      if (g == seen) {
+        sleepers_.fetch_add(1);
+        gen_.wait(seen);
+        sleepers_.fetch_sub(1);
+        continue;
+      }
+      seen = g;
+      if (part < parts_) job_(ctx_, part, parts_);
+      pending_.fetch_sub(1, std::memory_order_release);
+    }
+  }
+
+  static constexpr int kSpins = 20000;  // some 0.1-0.5 ms of pause instructions
+  int threads_ = 1;
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<int> sleepers_{0};
+  Job job_ = nullptr;
+  void* ctx_ = nullptr;
+  int parts_ = 1;
+};
+
+// Never destroyed: its workers outlive static destruction at exit. A forked child has none of the parent's
+// threads, so it starts a pool of its own.
+static Pool* the_pool = nullptr;
+static std::once_flag atfork_once;
+
+static Pool& pool() {
+  std::call_once(atfork_once, [] { pthread_atfork(nullptr, nullptr, [] { the_pool = nullptr; }); });
+  if (the_pool == nullptr) the_pool = new Pool();
+  return *the_pool;
+}
+
+constexpr int kMaxMats = 4;
+
+// Products of one x with up to kMaxMats weight matrices (Q, K, V of a layer, or gate and up): one job, so XLA
+// does not run them concurrently on threads that the pool's workers then compete with.
+struct Problem {
+  const float* x;
+  int64_t R, K;
+  bool nt;
+  int mats;
+  const float* w[kMaxMats];
+  float* y[kMaxMats];
+  int64_t N[kMaxMats];
+  float* partial[kMaxThreads];  // NN: part i's sums over its rows of every w (part 0's are the ys themselves)
+};
+
+// NT: part i takes an equal share of the output columns (whole vectors). NN: part i takes an equal share of each
+// w's rows (a contiguous stretch of memory: two threads streaming halves of every row read ~25% slower) into its
+// own buffer, summed into y afterwards in part order. The split depends only on the shapes and the thread count.
+static void solve(void* ctx, int part, int parts) {
+  Problem& p = *static_cast<Problem*>(ctx);
+  if (p.nt) {
+    for (int m = 0; m < p.mats; ++m) {
+      const int64_t N = p.N[m], vecs = (N + kLanes - 1) / kLanes;
+      const int64_t c0 = std::min(N, vecs * part / parts * kLanes);
+      const int64_t c1 = std::min(N, vecs * (part + 1) / parts * kLanes);
+      if (c0 < c1) nt_cols(p.x, p.R, p.K, p.w[m], N, p.y[m], c0, c1);
+    }
+    return;
+  }
+  static thread_local std::vector<float> buffers[kMaxThreads];
+  float* out = nullptr;
+  if (part > 0) {
+    int64_t total = 0;
+    for (int m = 0; m < p.mats; ++m) total += p.R * p.N[m];
+    std::vector<float>& buf = buffers[part];
+    if (static_cast<int64_t>(buf.size()) < total) buf.resize(total);
+    out = p.partial[part] = buf.data();
+  }
+  const int64_t k0 = p.K * part / parts, k1 = p.K * (part + 1) / parts;
+  for (int m = 0; m < p.mats; ++m) {
+    float* y = part == 0 ? p.y[m] : out;
+    nn(p.x + k0, p.R, k1 - k0, p.K, p.w[m] + k0 * p.N[m], p.N[m], y);
+    if (part > 0) out += p.R * p.N[m];
+  }
+}
+
+static ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws, ffi::RemainingRets ys, bool nt) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2 || ws.size() != ys.size() || ws.size() < 1 || ws.size() > kMaxMats)
+    return ffi::Error::InvalidArgument("jaxspec_matmul: x (R, K) and 1-4 weights, one output each");
+  Problem p{x.typed_data(), xd[0], xd[1], nt, static_cast<int>(ws.size()), {}, {}, {}, {}};
+  int64_t size = 0;
+  for (int m = 0; m < p.mats; ++m) {
+    auto w = ws.get<ffi::Buffer<ffi::F32>>(m);
+    auto y = ys.get<ffi::Buffer<ffi::F32>>(m);
+    if (w.has_error() || y.has_error()) return ffi::Error::InvalidArgument("jaxspec_matmul: float32 buffers only");
+    auto wd = w->dimensions();
+    if (wd.size() != 2 || (nt ? wd[1] : wd[0]) != p.K)
+      return ffi::Error::InvalidArgument("jaxspec_matmul: weights must be 2-D with x's contracting size");
+    p.w[m] = w->typed_data();
+    p.y[m] = (*y)->typed_data();
+    p.N[m] = nt ? wd[0] : wd[1];
+    size += p.K * p.N[m];
+  }
+  if (p.R == 0) return ffi::Error::Success();
+  // Small weights (a test model's) are not worth waking a thread for; the choice depends on the shapes only.
+  const int parts = size < (1 << 16) ? 1 : pool().threads();
+  pool().Run(solve, &p, parts);
+  if (!nt)
+    for (int i = 1; i < parts; ++i) {
+      const float* part = p.partial[i];
+      for (int m = 0; m < p.mats; ++m) {
+        const int64_t n = p.R * p.N[m];
+        for (int64_t j = 0; j < n; ++j) p.y[m][j] += part[j];
+        part += n;
+      }
+    }
+  return ffi::Error::Success();
+}
+
+static ffi::Error MatmulNN(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws, ffi::RemainingRets ys) {
+  return Matmul(x, ws, ys, false);
+}
+static ffi::Error MatmulNT(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws, ffi::RemainingRets ys) {
+  return Matmul(x, ws, ys, true);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxspecMatmulNN, MatmulNN,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxspecMatmulNT, MatmulNT,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets());
+
+extern "C" int jaxspec_matmul_threads() { return pool().threads(); }

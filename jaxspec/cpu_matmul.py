@@ -1,0 +1,169 @@
+"""Few-row float32 weight products on XLA:CPU through a small C++ kernel (``cpu_matmul.cc``) on every core.
+
+Why: a decode step multiplies one row (a verify, 2-13 rows) by every weight matrix, one after another. XLA:CPU runs
+each such product on about one core's bandwidth, and at 2+ rows streams 1.5-3x slower per byte than at one row,
+which is what made a verify cost several decode steps here. The kernel splits each product over all cores (each
+streams its own contiguous share of the weights) and is as fast at 2-5 rows as at one. Every output element is summed
+in one fixed order whatever the row count, so a T-token verify computes bit for bit the products of T decode steps.
+
+The kernel is compiled on first use with the machine's C++ compiler (``g++``/``c++``, ``-march=native``) into
+``$JAXSPEC_CACHE/kernels`` and registered with XLA as FFI targets. Without a compiler, on other backends, for other
+dtypes, for more than ``MAX_ROWS`` rows (prefill: XLA's own kernels are faster there) or with
+``JAXSPEC_CPU_MATMUL=0``, products are plain ``jnp`` dots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from functools import cache
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+SOURCE = Path(__file__).with_suffix(".cc")
+MAX_ROWS = 32  # above this XLA's dots are as fast (BENCHMARKS.md, "Few-row products")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=gnu++20", "-shared", "-fPIC", "-pthread")
+_on = os.environ.get("JAXSPEC_CPU_MATMUL", "1") != "0"
+
+
+@contextlib.contextmanager
+def enabled(on: bool) -> Iterator[None]:
+    """Trace with (or without) the kernel inside the block; already-traced functions keep what they were traced with
+    (``jax.clear_caches()`` to re-trace, e.g. for an A/B benchmark)."""
+    global _on
+    old, _on = _on, on
+    try:
+        yield
+    finally:
+        _on = old
+
+
+def _compiler() -> str | None:
+    return next((c for c in (os.environ.get("CXX"), "g++", "c++") if c and shutil.which(c)), None)
+
+
+def _library_path(cxx: str) -> Path:
+    """Where this source, compiled by this compiler for this CPU and jaxlib, lives."""
+    import jaxlib
+
+    from jaxspec.fetch import cache_dir
+
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    cpu = ""
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((ln for ln in lines if ln.startswith(("flags", "Features"))), "")
+    h = hashlib.sha256("\0".join([SOURCE.read_text(), jaxlib.__version__, version, cpu, platform.machine(),
+                                  " ".join(FLAGS)]).encode()).hexdigest()[:16]
+    return cache_dir() / "kernels" / f"cpu_matmul-{h}.so"
+
+
+def _build(cxx: str, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}")
+        os.replace(tmp, out)  # another process building the same file at once replaces it with an equal one
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernel, registered with XLA; None where it cannot be (reported once on stderr)."""
+    if not SOURCE.exists() or platform.system() != "Linux":
+        return None
+    cxx = _compiler()
+    if cxx is None:
+        print("jaxspec: no C++ compiler (g++): few-row products use XLA's dots (slower decode)", file=sys.stderr)
+        return None
+    path = _library_path(cxx)
+    try:
+        if not path.exists():
+            print("jaxspec: compiling the CPU matmul kernel (once per machine) ...", file=sys.stderr, flush=True)
+            _build(cxx, path)
+        lib = ctypes.cdll.LoadLibrary(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        print(f"jaxspec: CPU matmul kernel unavailable ({e}): few-row products use XLA's dots", file=sys.stderr)
+        return None
+    jax.ffi.register_ffi_target("jaxspec_matmul_nn", jax.ffi.pycapsule(lib.JaxspecMatmulNN), platform="cpu")
+    jax.ffi.register_ffi_target("jaxspec_matmul_nt", jax.ffi.pycapsule(lib.JaxspecMatmulNT), platform="cpu")
+    return lib
+
+
+def active() -> bool:
+    """Whether products traced now may use the kernel (on the CPU backend, enabled, compiled)."""
+    return _on and jax.default_backend() == "cpu" and _library() is not None
+
+
+def state() -> str:
+    """What traced products use, for cache keys: ``"kernel"`` or ``"xla"``."""
+    return "kernel" if active() else "xla"
+
+
+def _usable(x: Array, ws: Sequence[Array]) -> bool:
+    return (x.shape[0] <= MAX_ROWS and x.dtype == jnp.float32 and all(w.dtype == jnp.float32 for w in ws)
+            and active())
+
+
+def matmul(x: Array, *ws: Array) -> list[Array]:
+    """``[x @ w for w in ws]`` for x (R, K) and weights (K, N_i), float32 results: one kernel call for all (a layer's
+    Q, K and V, or gate and up) when few-row float32 on CPU, else XLA's dots."""
+    if not _usable(x, ws):
+        return [jnp.dot(x, w, preferred_element_type=jnp.float32) for w in ws]
+    return list(_nn(x, tuple(ws)))
+
+
+def matmul_t(x: Array, w: Array) -> Array:
+    """``x @ w.T`` for x (R, K) and w (N, K) (tied embeddings as the output head), float32."""
+    if not _usable(x, (w,)):
+        return jnp.dot(x, w.T, preferred_element_type=jnp.float32)
+    return _nt(x, w)
+
+
+@jax.custom_jvp
+def _nn(x: Array, ws: tuple[Array, ...]) -> tuple[Array, ...]:
+    out = [jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32) for w in ws]
+    return tuple(jax.ffi.ffi_call("jaxspec_matmul_nn", out)(x, *ws))
+
+
+@_nn.defjvp
+def _nn_jvp(primals: tuple, tangents: tuple) -> tuple:  # derivatives (rarely wanted at few rows) through XLA
+    (x, ws), (dx, dws) = primals, tangents
+    return _nn(x, ws), tuple(dx @ w + x @ dw for w, dw in zip(ws, dws, strict=True))
+
+
+@jax.custom_jvp
+def _nt(x: Array, w: Array) -> Array:
+    return jax.ffi.ffi_call("jaxspec_matmul_nt", [jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)])(
+        x, w)[0]
+
+
+@_nt.defjvp
+def _nt_jvp(primals: tuple, tangents: tuple) -> tuple:
+    (x, w), (dx, dw) = primals, tangents
+    return _nt(x, w), dx @ w.T + x @ dw.T
+
+
+def threads() -> int:
+    """The kernel's threads (0: not available)."""
+    lib = _library()
+    return int(lib.jaxspec_matmul_threads()) if lib is not None else 0
