@@ -141,9 +141,9 @@ def probe_table() -> None:
 def rows_table(params: Params, rows: tuple[int, ...] = (1, 2, 5, 9, 13, 16, 32), repeats: int = 10) -> None:
     """What verify pays per row on this backend: the model's weight products alone (every layer's seven matrices
     and the head, each read once, in the model's dependency order: no attention, norms or cache) at T rows, as ms
-    and GB/s, through XLA's dots and through ``cpu_matmul``'s kernel (where it is built); medians, the T's and the
+    and GB/s, through XLA's dots and through ``cpu_kernels``'s kernel (where it is built); medians, the T's and the
     two paths interleaved over two rounds."""
-    from jaxspec import cpu_matmul
+    from jaxspec import cpu_kernels
 
     def chain(p: Params, x: jax.Array) -> jax.Array:
         for ly in p.layers:
@@ -152,12 +152,12 @@ def rows_table(params: Params, rows: tuple[int, ...] = (1, 2, 5, 9, 13, 16, 32),
             x = x + o + 1e-30 * (k.sum() + v.sum())
             g, u = project(x, ly.w_gate, ly.w_up)
             x = x + project(jax.nn.silu(g) * u, ly.w_down)[0]
-        return cpu_matmul.matmul_t(x, p.embed) if p.lm_head is None else project(x, p.lm_head)[0]
+        return cpu_kernels.matmul_t(x, p.embed) if p.lm_head is None else project(x, p.lm_head)[0]
 
-    paths = {"XLA dots": False} | ({"kernel": True} if cpu_matmul.active() else {})
+    paths = {"XLA dots": False} | ({"kernel": True} if cpu_kernels.active() else {})
     fns = {}
     for name, on in paths.items():  # traced (and so compiled) under each setting
-        with cpu_matmul.enabled(on):
+        with cpu_kernels.enabled(on):
             fns[name] = jax.jit(lambda p, x: chain(p, x))
             for t in rows:
                 jax.block_until_ready(fns[name](params, jnp.ones((t, params.embed.shape[1]), params.embed.dtype)))
@@ -172,7 +172,7 @@ def rows_table(params: Params, rows: tuple[int, ...] = (1, 2, 5, 9, 13, 16, 32),
                     jax.block_until_ready(f(params, x))
                     times[n, t].append(time.perf_counter() - t0)
     print(f"load average {os.getloadavg()}, {nbytes / 1e6:.0f} MB of weights, kernel threads "
-          f"{cpu_matmul.threads()}\n\n| rows | " + " | ".join(f"{n}: ms, GB/s, × 1 row" for n in fns)
+          f"{cpu_kernels.threads()}\n\n| rows | " + " | ".join(f"{n}: ms, GB/s, × 1 row" for n in fns)
           + (" | XLA / kernel |" if len(fns) == 2 else " |") + "\n|---|" + "---|" * (len(fns) + (len(fns) == 2)))
     for t in rows:
         med = {n: statistics.median(times[n, t]) for n in fns}

@@ -3,7 +3,7 @@ serialized by an earlier run when one matches, skipping Python tracing and lower
 
 Off until ``enable(directory)`` (``generate.py`` does). An entry's key covers the function, its static arguments'
 ``repr``, the dynamic arguments' tree, shapes, dtypes and placement, jax/jaxlib versions, backend, devices, compiler
-flags, the jaxspec sources and whether products use ``cpu_matmul``'s kernel; a missing, unreadable, corrupt or
+flags, the jaxspec sources and whether products use ``cpu_kernels``'s kernel; a missing, unreadable, corrupt or
 foreign file is ignored and rewritten. Inputs that are not single-device ``jax.Array``s (``sharding.MeshDecoder``'s,
 Python scalars) use plain jit.
 """
@@ -71,9 +71,9 @@ def _environment() -> str:
 
 def key(fn: Callable, args: Sequence[Any], static: tuple[int, ...]) -> str | None:
     """The cache key of ``fn(*args)`` (None: not cacheable, use plain jit)."""
-    from jaxspec import cpu_matmul
+    from jaxspec import cpu_kernels
 
-    parts = [_environment(), cpu_matmul.state(), f"{fn.__module__}.{fn.__qualname__}"]
+    parts = [_environment(), cpu_kernels.state(), f"{fn.__module__}.{fn.__qualname__}"]
     for i in static:
         r = repr(args[i])
         if " at 0x" in r:  # an object without a value repr: equal-looking keys could mean different programs

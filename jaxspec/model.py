@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec import cpu_matmul
+from jaxspec import cpu_kernels
 from jaxspec.config import Config, SkipMask
 
 Array = jax.Array
@@ -180,6 +180,13 @@ QUERY_BLOCK = 128  # chunks of at least two such blocks attend block by block, e
 
 def attend(q: Array, k_cache: Array, v_cache: Array, positions: Array) -> Array:
     """Causal attention core of q (B, T, kv, g, hd) over the keys of k/v (B, S, kv, hd); returns (B, T, kv, g, hd).
+    A few float32 query tokens on CPU (decode, verify) go to ``cpu_kernels.attend``'s kernel; the rest to
+    ``attend_jnp``."""
+    return cpu_kernels.attend(q, k_cache, v_cache, positions, attend_jnp)
+
+
+def attend_jnp(q: Array, k_cache: Array, v_cache: Array, positions: Array) -> Array:
+    """Causal attention core of q (B, T, kv, g, hd) over the keys of k/v (B, S, kv, hd); returns (B, T, kv, g, hd).
 
     A KV head's g query heads and T tokens are one (g*T, hd) matrix, so both products are plain batched matrix
     products over (B, kv): the (b, k, g, t) einsums XLA:CPU ran before were about as fast for one token and 1.5x
@@ -193,8 +200,8 @@ def attend(q: Array, k_cache: Array, v_cache: Array, positions: Array) -> Array:
         blocks = []
         for j in range(n):
             a, end = j * QUERY_BLOCK, S - T + (j + 1) * QUERY_BLOCK
-            blocks.append(attend(q[:, a : a + QUERY_BLOCK], k_cache[:, :end], v_cache[:, :end],
-                                 positions[:, a : a + QUERY_BLOCK]))
+            blocks.append(attend_jnp(q[:, a : a + QUERY_BLOCK], k_cache[:, :end], v_cache[:, :end],
+                                     positions[:, a : a + QUERY_BLOCK]))
         return jnp.concatenate(blocks, axis=1)
     qm = q.transpose(0, 2, 3, 1, 4).reshape(B, kv, g * T, hd)
     scores = jnp.einsum("bkmd,bskd->bkms", qm, k_cache, preferred_element_type=jnp.float32) / math.sqrt(hd)
@@ -208,9 +215,9 @@ def attend(q: Array, k_cache: Array, v_cache: Array, positions: Array) -> Array:
 
 def project(x: Array, *ws: Array, n_in: int = 1) -> list[Array]:
     """float32 ``x @ w`` for each weight, contracting x's last ``n_in`` axes with w's first ``n_in``
-    (``cpu_matmul``: one kernel call for all of them on CPU at few rows)."""
+    (``cpu_kernels``: one kernel call for all of them on CPU at few rows)."""
     lead, k = x.shape[:-n_in], math.prod(x.shape[-n_in:])
-    outs = cpu_matmul.matmul(x.reshape(-1, k), *(w.reshape(k, -1) for w in ws))
+    outs = cpu_kernels.matmul(x.reshape(-1, k), *(w.reshape(k, -1) for w in ws))
     return [y.reshape(*lead, *w.shape[n_in:]) for y, w in zip(outs, ws, strict=True)]
 
 
@@ -273,7 +280,7 @@ def logits_of(params: Params, x: Array) -> Array:
     """Project hidden states (..., dim) to float32 vocabulary logits."""
     lead = x.shape[:-1]
     if params.lm_head is None:
-        return cpu_matmul.matmul_t(x.reshape(-1, x.shape[-1]), params.embed).reshape(*lead, -1)
+        return cpu_kernels.matmul_t(x.reshape(-1, x.shape[-1]), params.embed).reshape(*lead, -1)
     return project(x, params.lm_head)[0]
 
 

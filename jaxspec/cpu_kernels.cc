@@ -1,15 +1,17 @@
-// Few-row float32 matrix products for XLA:CPU, on every core (see cpu_matmul.py for why and when).
+// The decode step's few-row float32 work for XLA:CPU, on every core (see cpu_kernels.py for why and when).
 //
 //   jaxspec_matmul_nn: y[r, n] = sum_k x[r, k] * w[k, n]   (w is (K, N): the model's (in, out) weights)
 //   jaxspec_matmul_nt: y[r, n] = sum_k x[r, k] * w[n, k]   (w is (N, K): the tied embedding as the head)
+//   jaxspec_attend:    causal attention of a few query tokens over the live part of a layer's K/V cache
 //
-// Output columns are split between threads (the caller and a persistent pool of spinning workers), so each
-// weight byte is read once, by one core. Every output element is summed in the same order whatever the number of
-// rows or threads: a 9-row verify gives bit-identical products to nine 1-row steps.
+// Work is split between the caller and a persistent pool of spinning workers, each weight byte read once, by one
+// core. Every output element is computed in the same order whatever the number of rows: a 9-row verify gives
+// bit-identical results to nine 1-row steps.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <cmath>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -74,16 +76,16 @@ constexpr int64_t kAhead = 2 * kPanel;  // software prefetch distance in weight 
 constexpr int kRows = kAcc / 2;  // rows per register block: kRows x 2 accumulators
 
 template <int RB, int V>
-static void nn_micro(const float* x, int64_t ldx, const float* w, int64_t N, float* y, int64_t b0, int64_t b1,
-                     int64_t k0, int64_t k1) {
+static void nn_micro(const float* x, int64_t ldx, const float* w, int64_t ldw, float* y, int64_t ldy, int64_t b0,
+                     int64_t b1, int64_t k0, int64_t k1) {
   for (int64_t c = b0; c + kLanes * V <= b1; c += kLanes * V) {
     v16 acc[RB][V];
     for (int r = 0; r < RB; ++r)
-      for (int v = 0; v < V; ++v) acc[r][v] = k0 == 0 ? v16{} : load(y + r * N + c + kLanes * v);
-    const float* wp = w + k0 * N + c;
+      for (int v = 0; v < V; ++v) acc[r][v] = k0 == 0 ? v16{} : load(y + r * ldy + c + kLanes * v);
+    const float* wp = w + k0 * ldw + c;
     const float* xp = x + k0;
-    for (int64_t k = k0; k < k1; ++k, wp += N, ++xp) {
-      __builtin_prefetch(wp + kAhead * N);
+    for (int64_t k = k0; k < k1; ++k, wp += ldw, ++xp) {
+      __builtin_prefetch(wp + kAhead * ldw);
       v16 wv[V];
       for (int v = 0; v < V; ++v) wv[v] = load(wp + kLanes * v);
       for (int r = 0; r < RB; ++r) {
@@ -92,19 +94,20 @@ static void nn_micro(const float* x, int64_t ldx, const float* w, int64_t N, flo
       }
     }
     for (int r = 0; r < RB; ++r)
-      for (int v = 0; v < V; ++v) store(y + r * N + c + kLanes * v, acc[r][v]);
+      for (int v = 0; v < V; ++v) store(y + r * ldy + c + kLanes * v, acc[r][v]);
   }
 }
 
 template <int RB>
-static void nn_rows(const float* x, int64_t ldx, const float* w, int64_t N, float* y, int64_t b0, int64_t b1,
-                    int64_t k0, int64_t k1) {
+static void nn_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, float* y, int64_t ldy, int64_t b0,
+                    int64_t b1, int64_t k0, int64_t k1) {
   const int64_t bt = b0 + (b1 - b0) / (2 * kLanes) * (2 * kLanes);
-  nn_micro<RB, 2>(x, ldx, w, N, y, b0, bt, k0, k1);
-  nn_micro<RB, 1>(x, ldx, w, N, y, bt, b1, k0, k1);
+  nn_micro<RB, 2>(x, ldx, w, ldw, y, ldy, b0, bt, k0, k1);
+  nn_micro<RB, 1>(x, ldx, w, ldw, y, ldy, bt, b1, k0, k1);
 }
 
-typedef void (*NNRows)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t);
+typedef void (*NNRows)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t, int64_t,
+                       int64_t);
 template <int... RB>
 struct NNTable {
   static constexpr NNRows fns[] = {nullptr, nn_rows<RB>...};
@@ -115,22 +118,24 @@ static constexpr auto& kNNRows = NNTable<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 
 static constexpr auto& kNNRows = NNTable<1, 2, 3, 4, 5, 6>::fns;
 #endif
 
-// y (R, N) = x[:, :K] @ w[:K, :] for x rows of stride ldx.
-static void nn(const float* x, int64_t R, int64_t K, int64_t ldx, const float* w, int64_t N, float* y) {
+// y (R, N) = x (R, K) @ w (K, N), each with its own row stride.
+static void nn(const float* x, int64_t R, int64_t K, int64_t ldx, const float* w, int64_t ldw, int64_t N, float* y,
+               int64_t ldy) {
   const int64_t nl = N / kLanes * kLanes;
-  if (K == 0) std::fill(y, y + R * N, 0.f);
+  if (K == 0)
+    for (int64_t r = 0; r < R; ++r) std::fill(y + r * ldy, y + r * ldy + N, 0.f);
   for (int64_t k0 = 0; k0 < K; k0 += kPanel) {
     const int64_t k1 = std::min(K, k0 + kPanel);
     for (int64_t r = 0; r < R; r += kRows) {
       const int64_t rb = std::min<int64_t>(kRows, R - r);
-      kNNRows[rb](x + r * ldx, ldx, w, N, y + r * N, 0, nl, k0, k1);
+      kNNRows[rb](x + r * ldx, ldx, w, ldw, y + r * ldy, ldy, 0, nl, k0, k1);
     }
   }
   for (int64_t c = nl; c < N; ++c)  // ragged last columns (N not a multiple of kLanes): plain, same order
     for (int64_t r = 0; r < R; ++r) {
       float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += x[r * ldx + k] * w[k * N + c];
-      y[r * N + c] = s;
+      for (int64_t k = 0; k < K; ++k) s += x[r * ldx + k] * w[k * ldw + c];
+      y[r * ldy + c] = s;
     }
 }
 
@@ -147,43 +152,44 @@ static inline float hsum(v16 v) {
 }
 
 template <int RB, int G>
-static void nt_block(const float* x, int64_t K, const float* w, int64_t N, float* y, int64_t n) {
+static void nt_block(const float* x, int64_t ldx, int64_t K, const float* w, int64_t ldw, float* y, int64_t ldy,
+                     int64_t n) {
   const int64_t KL = K / kLanes * kLanes;
   v16 acc[RB][G];
   for (int r = 0; r < RB; ++r)
     for (int j = 0; j < G; ++j) acc[r][j] = v16{};
   for (int64_t k = 0; k < KL; k += kLanes) {
     v16 wv[G];
-    for (int j = 0; j < G; ++j) wv[j] = load(w + (n + j) * K + k);
+    for (int j = 0; j < G; ++j) wv[j] = load(w + (n + j) * ldw + k);
     for (int r = 0; r < RB; ++r) {
-      const v16 xv = load(x + r * K + k);
+      const v16 xv = load(x + r * ldx + k);
       for (int j = 0; j < G; ++j) acc[r][j] = fma(xv, wv[j], acc[r][j]);
     }
   }
   for (int r = 0; r < RB; ++r)
     for (int j = 0; j < G; ++j) {
       float s = hsum(acc[r][j]);
-      for (int64_t k = KL; k < K; ++k) s += x[r * K + k] * w[(n + j) * K + k];
-      y[r * N + n + j] = s;
+      for (int64_t k = KL; k < K; ++k) s += x[r * ldx + k] * w[(n + j) * ldw + k];
+      y[r * ldy + n + j] = s;
     }
 }
 
-static void nt_cols(const float* x, int64_t R, int64_t K, const float* w, int64_t N, float* y, int64_t c0,
-                    int64_t c1) {
+static void nt_cols(const float* x, int64_t R, int64_t K, int64_t ldx, const float* w, int64_t ldw, float* y,
+                    int64_t ldy, int64_t c0, int64_t c1) {
   int64_t n = c0;
   if (R == 1) {  // one x row: more weight rows in flight
-    for (; n + 2 * kGroup <= c1; n += 2 * kGroup) nt_block<1, 2 * kGroup>(x, K, w, N, y, n);
+    for (; n + 2 * kGroup <= c1; n += 2 * kGroup) nt_block<1, 2 * kGroup>(x, ldx, K, w, ldw, y, ldy, n);
   } else {
     for (; n + kGroup <= c1; n += kGroup) {
       int64_t r = 0;
       constexpr int RB = kAcc / kGroup;
-      for (; r + RB <= R; r += RB) nt_block<RB, kGroup>(x + r * K, K, w, N, y + r * N, n);
-      for (; r + 2 <= R; r += 2) nt_block<2, kGroup>(x + r * K, K, w, N, y + r * N, n);
-      for (; r < R; ++r) nt_block<1, kGroup>(x + r * K, K, w, N, y + r * N, n);
+      for (; r + RB <= R; r += RB) nt_block<RB, kGroup>(x + r * ldx, ldx, K, w, ldw, y + r * ldy, ldy, n);
+      for (; r + 2 <= R; r += 2) nt_block<2, kGroup>(x + r * ldx, ldx, K, w, ldw, y + r * ldy, ldy, n);
+      for (; r < R; ++r) nt_block<1, kGroup>(x + r * ldx, ldx, K, w, ldw, y + r * ldy, ldy, n);
     }
   }
   for (; n < c1; ++n)
-    for (int64_t r = 0; r < R; ++r) nt_block<1, 1>(x + r * K, K, w, N, y + r * N, n);
+    for (int64_t r = 0; r < R; ++r) nt_block<1, 1>(x + r * ldx, ldx, K, w, ldw, y + r * ldy, ldy, n);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -196,7 +202,7 @@ class Pool {
 
   Pool() {
     int n = 1;
-    if (const char* env = std::getenv("JAXSPEC_MATMUL_THREADS")) {
+    if (const char* env = std::getenv("JAXSPEC_CPU_THREADS")) {
       n = std::atoi(env);
     } else {
       cpu_set_t set;
@@ -295,7 +301,7 @@ static void solve(void* ctx, int part, int parts) {
       const int64_t N = p.N[m], vecs = (N + kLanes - 1) / kLanes;
       const int64_t c0 = std::min(N, vecs * part / parts * kLanes);
       const int64_t c1 = std::min(N, vecs * (part + 1) / parts * kLanes);
-      if (c0 < c1) nt_cols(p.x, p.R, p.K, p.w[m], N, p.y[m], c0, c1);
+      if (c0 < c1) nt_cols(p.x, p.R, p.K, p.K, p.w[m], p.K, p.y[m], N, c0, c1);
     }
     return;
   }
@@ -311,7 +317,7 @@ static void solve(void* ctx, int part, int parts) {
   const int64_t k0 = p.K * part / parts, k1 = p.K * (part + 1) / parts;
   for (int m = 0; m < p.mats; ++m) {
     float* y = part == 0 ? p.y[m] : out;
-    nn(p.x + k0, p.R, k1 - k0, p.K, p.w[m] + k0 * p.N[m], p.N[m], y);
+    nn(p.x + k0, p.R, k1 - k0, p.K, p.w[m] + k0 * p.N[m], p.N[m], p.N[m], y, p.N[m]);
     if (part > 0) out += p.R * p.N[m];
   }
 }
@@ -361,5 +367,105 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxspecMatmulNN, MatmulNN,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxspecMatmulNT, MatmulNT,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets());
+
+// ---------------------------------------------------------------------------------------------------------------
+// Attention of a few query tokens over the cache (decode steps, verifies): q (B, T, KV, G, D), k and v (B, S, KV, D),
+// positions (B, T); query (b, t) sees keys [0, positions[b, t]]. One (b, t, kv head) item at a time: its G query
+// heads' scores against the live keys (an NT product), a softmax, the probabilities times V (an NN product), so
+// one call replaces the ~10 small XLA kernels per layer of the jnp version and reads only the live keys. Items are
+// independent, so a query gets the same bits in any chunk.
+
+// exp for x <= 0 (x - max in a softmax), to ~2 ulp: Cody-Waite reduction by ln 2, Cephes' degree-6 polynomial.
+static inline v16 exp_neg(v16 x) {
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+  const v16 big = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const v16 n = (x * splat(1.44269504f) + big) - big;
+  v16 r = x - n * splat(0.693359375f);
+  r = r - n * splat(-2.12194440e-4f);
+  v16 p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.0f);
+  typedef int32_t i16 __attribute__((vector_size(4 * kLanes)));
+  const i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
+  v16 scale;
+  __builtin_memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+struct Attention {
+  const float *q, *k, *v;
+  const int32_t* pos;
+  float* out;
+  int64_t B, T, KV, G, D, S;
+};
+
+static void attend_item(const Attention& a, int64_t item, std::vector<float>& buf) {
+  const int64_t h = item % a.KV, bt = item / a.KV, b = bt / a.T;
+  const int64_t n = std::clamp<int64_t>(a.pos[bt] + 1, 0, a.S), np = (n + kLanes - 1) / kLanes * kLanes;
+  const int64_t G = a.G, D = a.D, ld = a.KV * D;
+  const float* q = a.q + (bt * a.KV + h) * G * D;
+  const float* k = a.k + (b * a.S * a.KV + h) * D;
+  const float* v = a.v + (b * a.S * a.KV + h) * D;
+  float* out = a.out + (bt * a.KV + h) * G * D;
+  if (static_cast<int64_t>(buf.size()) < G * np) buf.resize(G * np);
+  float* s = buf.data();
+  nt_cols(q, G, D, D, k, ld, s, np, 0, n);  // scores (G, n), rows np apart
+  const v16 root = splat(std::sqrt(static_cast<float>(D)));
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = s + g * np;
+    for (int64_t j = n; j < np; ++j) sg[j] = -3.0e38f;
+    v16 mv = splat(-3.0e38f);
+    for (int64_t j = 0; j < np; j += kLanes) {
+      const v16 x = load(sg + j) / root;
+      store(sg + j, x);
+      mv = x > mv ? x : mv;
+    }
+    float m = -3.0e38f;
+    for (int i = 0; i < kLanes; ++i) m = std::max(m, mv[i]);
+    v16 sum = v16{};
+    for (int64_t j = 0; j < np; j += kLanes) {
+      v16 e = exp_neg(load(sg + j) - splat(m));
+      if (j + kLanes > n)
+        for (int i = 0; i < kLanes; ++i) e[i] = j + i < n ? e[i] : 0.f;
+      store(sg + j, e);
+      sum += e;
+    }
+    const v16 inv = splat(1.0f / hsum(sum));
+    for (int64_t j = 0; j < np; j += kLanes) store(sg + j, load(sg + j) * inv);
+  }
+  nn(s, G, n, np, v, ld, D, out, D);  // (G, n) @ (n, D): the live values only
+}
+
+static void attend_part(void* ctx, int part, int parts) {
+  const Attention& a = *static_cast<const Attention*>(ctx);
+  static thread_local std::vector<float> buf;
+  const int64_t items = a.B * a.T * a.KV;
+  for (int64_t i = items * part / parts; i < items * (part + 1) / parts; ++i) attend_item(a, i, buf);
+}
+
+static ffi::Error Attend(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                         ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions(), kd = k.dimensions(), pd = pos.dimensions();
+  if (qd.size() != 5 || kd.size() != 4 || pd.size() != 2 || kd[0] != qd[0] || kd[2] != qd[2] || kd[3] != qd[4] ||
+      pd[0] != qd[0] || pd[1] != qd[1] || v.dimensions() != kd)
+    return ffi::Error::InvalidArgument("jaxspec_attend: q (B, T, KV, G, D), k/v (B, S, KV, D), positions (B, T)");
+  Attention a{q.typed_data(), k.typed_data(), v.typed_data(), pos.typed_data(), out->typed_data(),
+              qd[0], qd[1], qd[2], qd[3], qd[4], kd[1]};
+  const int64_t items = a.B * a.T * a.KV;
+  pool().Run(attend_part, &a, static_cast<int>(std::min<int64_t>(items, pool().threads())));
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxspecAttend, Attend,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 extern "C" int jaxspec_matmul_threads() { return pool().threads(); }

@@ -1,21 +1,25 @@
-"""Few-row float32 weight products on XLA:CPU through a small C++ kernel (``cpu_matmul.cc``) on every core.
+"""The decode step's few-row float32 work on XLA:CPU through small C++ kernels (``cpu_kernels.cc``) on every core.
 
 Why: a decode step multiplies one row (a verify, 2-13 rows) by every weight matrix, one after another. XLA:CPU runs
 each such product on about one core's bandwidth, and at 2+ rows streams 1.5-3x slower per byte than at one row,
-which is what made a verify cost several decode steps here. The kernel splits each product over all cores (each
-streams its own contiguous share of the weights) and is as fast at 2-5 rows as at one. Every output element is summed
-in one fixed order whatever the row count, so a T-token verify computes bit for bit the products of T decode steps.
+which is what made a verify cost several decode steps here. ``matmul``/``matmul_t`` split each product over all cores
+(each streams its own contiguous share of the weights) and are as fast at 2-5 rows as at one. ``attend`` does a
+layer's attention core of a few query tokens in one call over the live keys only (the jnp version is ~10 small XLA
+kernels per layer over the whole cache window). Every output element is computed in one fixed order whatever the
+row count, so a T-token verify computes bit for bit what T decode steps compute.
 
-The kernel is compiled on first use with the machine's C++ compiler (``g++``/``c++``, ``-march=native``) into
+The kernels are compiled on first use with the machine's C++ compiler (``g++``/``c++``, ``-march=native``) into
 ``$JAXSPEC_CACHE/kernels`` and registered with XLA as FFI targets. Without a compiler, on other backends, for other
-dtypes, for more than ``MAX_ROWS`` rows (prefill: XLA's own kernels are faster there) or with
-``JAXSPEC_CPU_MATMUL=0``, products are plain ``jnp`` dots.
+dtypes, for more than ``MAX_ROWS`` rows or query tokens (prefill: XLA's own kernels are faster there) or with
+``JAXSPEC_CPU_KERNELS=0``, the model's jnp code runs instead. ``JAXSPEC_CPU_THREADS`` sets the threads (default:
+the CPUs this process may use).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -23,7 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -34,7 +38,7 @@ Array = jax.Array
 SOURCE = Path(__file__).with_suffix(".cc")
 MAX_ROWS = 32  # above this XLA's dots are as fast (BENCHMARKS.md, "Few-row products")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=gnu++20", "-shared", "-fPIC", "-pthread")
-_on = os.environ.get("JAXSPEC_CPU_MATMUL", "1") != "0"
+_on = os.environ.get("JAXSPEC_CPU_KERNELS", "1") != "0"
 
 
 @contextlib.contextmanager
@@ -69,7 +73,7 @@ def _library_path(cxx: str) -> Path:
         cpu = next((ln for ln in lines if ln.startswith(("flags", "Features"))), "")
     h = hashlib.sha256("\0".join([SOURCE.read_text(), jaxlib.__version__, version, cpu, platform.machine(),
                                   " ".join(FLAGS)]).encode()).hexdigest()[:16]
-    return cache_dir() / "kernels" / f"cpu_matmul-{h}.so"
+    return cache_dir() / "kernels" / f"cpu_kernels-{h}.so"
 
 
 def _build(cxx: str, out: Path) -> None:
@@ -106,6 +110,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     jax.ffi.register_ffi_target("jaxspec_matmul_nn", jax.ffi.pycapsule(lib.JaxspecMatmulNN), platform="cpu")
     jax.ffi.register_ffi_target("jaxspec_matmul_nt", jax.ffi.pycapsule(lib.JaxspecMatmulNT), platform="cpu")
+    jax.ffi.register_ffi_target("jaxspec_attend", jax.ffi.pycapsule(lib.JaxspecAttend), platform="cpu")
     return lib
 
 
@@ -161,6 +166,27 @@ def _nt(x: Array, w: Array) -> Array:
 def _nt_jvp(primals: tuple, tangents: tuple) -> tuple:
     (x, w), (dx, dw) = primals, tangents
     return _nt(x, w), dx @ w.T + x @ dw.T
+
+
+def attend(q: Array, k: Array, v: Array, positions: Array, reference: Callable[..., Array]) -> Array:
+    """Causal attention of a few query tokens over the cache (``model.attend``'s contract: q (B, T, kv, g, hd), k/v
+    (B, S, kv, hd), positions (B, T)) in one kernel call that reads only each query's live keys, when float32 on
+    CPU with T <= ``MAX_ROWS``; else ``reference`` (the jnp version, which also gives the derivatives)."""
+    if not (q.shape[1] <= MAX_ROWS and q.dtype == k.dtype == v.dtype == jnp.float32 and active()):
+        return reference(q, k, v, positions)
+    return _attend(q, k, v, positions.astype(jnp.int32), reference)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _attend(q: Array, k: Array, v: Array, positions: Array, reference: Callable[..., Array]) -> Array:
+    return jax.ffi.ffi_call("jaxspec_attend", jax.ShapeDtypeStruct(q.shape, jnp.float32))(q, k, v, positions)
+
+
+@_attend.defjvp
+def _attend_jvp(reference: Callable[..., Array], primals: tuple, tangents: tuple) -> tuple:
+    (q, k, v, positions), (dq, dk, dv, _) = primals, tangents
+    _, tangent = jax.jvp(lambda q, k, v: reference(q, k, v, positions), (q, k, v), (dq, dk, dv))
+    return _attend(q, k, v, positions, reference), tangent
 
 
 def threads() -> int:

@@ -1,0 +1,122 @@
+"""The CPU kernels: right products and attention for every shape class, the same bits at any row count, fallbacks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxspec import cpu_kernels
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.active(), reason="no C++ compiler: the kernel is not built")
+
+
+def rand(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def uses_kernel(fn, *args, target: str = "jaxspec_matmul") -> bool:  # noqa: ANN001
+    return target in jax.jit(fn).lower(*args).as_text()
+
+
+# (R, K, Ns): one weight or several per call; ragged K (panel tails) and N (vector tails); big enough to be split
+# over threads (K * N >= 65536) or not.
+SHAPES = [(1, 1, [1]), (1, 7, [9]), (3, 64, [16, 100]), (2, 576, [576, 192, 192]), (5, 1536, [576]),
+          (7, 1000, [130]), (13, 576, [1536, 1536]), (32, 300, [257]), (1, 8, [65536 // 8 + 8]), (2, 1, [70000])]
+
+
+@pytest.mark.parametrize("R,K,Ns", SHAPES)
+def test_nn_matches_float64_products(R: int, K: int, Ns: list[int]) -> None:
+    rng = np.random.default_rng(R * 1000 + K)
+    x, ws = rand(rng, R, K), [rand(rng, K, n) for n in Ns]
+    assert uses_kernel(lambda x, *ws: cpu_kernels.matmul(x, *ws), x, *ws)
+    got = jax.jit(lambda x, *ws: cpu_kernels.matmul(x, *ws))(x, *ws)
+    for y, w in zip(got, ws, strict=True):
+        ref = x.astype(np.float64) @ w.astype(np.float64)
+        np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4 * np.sqrt(K))
+
+
+@pytest.mark.parametrize("R,K,N", [(1, 576, 49152 // 8), (4, 576, 1001), (9, 64, 3), (2, 13, 40)])
+def test_nt_matches_float64_products(R: int, K: int, N: int) -> None:
+    rng = np.random.default_rng(R + K + N)
+    x, w = rand(rng, R, K), rand(rng, N, K)
+    assert uses_kernel(cpu_kernels.matmul_t, x, w)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    np.testing.assert_allclose(np.asarray(jax.jit(cpu_kernels.matmul_t)(x, w)), ref, rtol=1e-4,
+                               atol=1e-4 * np.sqrt(K))
+
+
+@pytest.mark.parametrize("K,N", [(576, 1536), (1536, 576), (100, 1000)])
+def test_any_row_count_gives_the_same_bits(K: int, N: int) -> None:
+    """What makes a T-token verify compute exactly T decode steps' products: row i of a 13-row product equals the
+    1-row product of row i, bit for bit (XLA's dots do not promise this)."""
+    rng = np.random.default_rng(K)
+    x, w, e = rand(rng, 13, K), rand(rng, K, N), rand(rng, N, K)
+    nn = jax.jit(lambda x, w: cpu_kernels.matmul(x, w)[0])
+    nt = jax.jit(cpu_kernels.matmul_t)
+    many_nn, many_nt = np.asarray(nn(x, w)), np.asarray(nt(x, e))
+    for rows in ([0], [5, 6], [1, 2, 3, 4, 7]):
+        np.testing.assert_array_equal(np.asarray(nn(x[rows], w)), many_nn[rows])
+        np.testing.assert_array_equal(np.asarray(nt(x[rows], e)), many_nt[rows])
+
+
+def test_falls_back_to_xla_dots() -> None:
+    """Many rows (prefill), other dtypes, or the kernel switched off: plain dots, same results."""
+    rng = np.random.default_rng(0)
+    w = rand(rng, 64, 32)
+    f = lambda x, w: cpu_kernels.matmul(x, w)[0]  # noqa: E731
+    assert not uses_kernel(f, rand(rng, cpu_kernels.MAX_ROWS + 1, 64), w)
+    assert not uses_kernel(f, rand(rng, 2, 64).astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    x = rand(rng, 2, 64)
+    with cpu_kernels.enabled(False):
+        assert cpu_kernels.state() == "xla" and not uses_kernel(f, x, w)
+        off = np.asarray(jax.jit(f)(x, w))
+    assert cpu_kernels.state() == "kernel"
+    np.testing.assert_allclose(np.asarray(jax.jit(f)(x, w)), off, rtol=1e-5, atol=1e-5)
+
+
+def test_derivatives_go_through_xla_dots() -> None:
+    rng = np.random.default_rng(1)
+    x, w, e = rand(rng, 3, 16), rand(rng, 16, 8), rand(rng, 5, 16)
+
+    def loss(x, w, e):  # noqa: ANN001, ANN202
+        return (cpu_kernels.matmul(x, w)[0] ** 2).sum() + (cpu_kernels.matmul_t(x, e) ** 2).sum()
+
+    def ref(x, w, e):  # noqa: ANN001, ANN202
+        return ((x @ w) ** 2).sum() + ((x @ e.T) ** 2).sum()
+
+    for got, want in zip(jax.grad(loss, (0, 1, 2))(x, w, e), jax.grad(ref, (0, 1, 2))(x, w, e), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("B,T,KV,G,D,S", [(1, 1, 3, 3, 64, 256), (2, 5, 3, 3, 64, 256), (1, 9, 2, 2, 16, 37),
+                                          (3, 2, 1, 4, 8, 5), (1, 32, 2, 1, 24, 70)])
+def test_attention_matches_the_jnp_core_and_each_query_alone(B: int, T: int, KV: int, G: int, D: int, S: int) -> None:
+    """Positions anywhere in the window (first and last slot included); a query's output does not depend on the
+    other queries of its chunk, bit for bit."""
+    from jaxspec.model import attend, attend_jnp
+
+    rng = np.random.default_rng(B * T * S)
+    q, k, v = rand(rng, B, T, KV, G, D), rand(rng, B, S, KV, D), rand(rng, B, S, KV, D)
+    pos = rng.integers(0, S, (B, T)).astype(np.int32)
+    pos[0, 0], pos[-1, -1] = 0, S - 1
+    assert uses_kernel(attend, q, k, v, pos, target="jaxspec_attend")
+    got = np.asarray(jax.jit(attend)(q, k, v, pos))
+    np.testing.assert_allclose(got, np.asarray(jax.jit(attend_jnp)(q, k, v, pos)), rtol=2e-5, atol=2e-6)
+    for t in range(T):
+        np.testing.assert_array_equal(np.asarray(jax.jit(attend)(q[:, t : t + 1], k, v, pos[:, t : t + 1])),
+                                      got[:, t : t + 1])
+
+
+def test_attention_derivatives_and_long_chunks_use_the_jnp_core() -> None:
+    from jaxspec.model import attend, attend_jnp
+
+    rng = np.random.default_rng(2)
+    q, k, v = rand(rng, 1, 3, 2, 2, 8), rand(rng, 1, 16, 2, 8), rand(rng, 1, 16, 2, 8)
+    pos = np.array([[4, 5, 6]], np.int32)
+    got = jax.grad(lambda *a: (attend(*a, pos) ** 2).sum(), (0, 1, 2))(q, k, v)
+    want = jax.grad(lambda *a: (attend_jnp(*a, pos) ** 2).sum(), (0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+    T = cpu_kernels.MAX_ROWS + 1
+    assert not uses_kernel(attend, rand(rng, 1, T, 2, 2, 8), rand(rng, 1, 64, 2, 8), rand(rng, 1, 64, 2, 8),
+                           np.arange(T, dtype=np.int32)[None], target="jaxspec_attend")
