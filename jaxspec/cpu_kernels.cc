@@ -226,8 +226,10 @@ class Pool {
     ctx_ = ctx;
     parts_ = parts;
     pending_.store(threads_ - 1, std::memory_order_relaxed);
-    gen_.fetch_add(1, std::memory_order_release);
-    if (sleepers_.load(std::memory_order_acquire) > 0) gen_.notify_all();
+    // Sequentially consistent, as is the worker's sleepers_ increment before it waits: either it sees the new
+    // generation, or this sees it sleeping and wakes it.
+    gen_.fetch_add(1);
+    if (sleepers_.load() > 0) gen_.notify_all();
     job(ctx, 0, parts);
     while (pending_.load(std::memory_order_acquire) > 0) CPU_RELAX();
   }

@@ -36,14 +36,14 @@ import jax.numpy as jnp
 
 Array = jax.Array
 SOURCE = Path(__file__).with_suffix(".cc")
-MAX_ROWS = 32  # above this XLA's dots are as fast (BENCHMARKS.md, "Few-row products")
+MAX_ROWS = 32  # rows (query tokens) above which XLA is as fast (BENCHMARKS.md, "Decode on both cores")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=gnu++20", "-shared", "-fPIC", "-pthread")
 _on = os.environ.get("JAXSPEC_CPU_KERNELS", "1") != "0"
 
 
 @contextlib.contextmanager
 def enabled(on: bool) -> Iterator[None]:
-    """Trace with (or without) the kernel inside the block; already-traced functions keep what they were traced with
+    """Trace with (or without) the kernels inside the block; already-traced functions keep what they were traced with
     (``jax.clear_caches()`` to re-trace, e.g. for an A/B benchmark)."""
     global _on
     old, _on = _on, on
@@ -97,16 +97,16 @@ def _library() -> ctypes.CDLL | None:
         return None
     cxx = _compiler()
     if cxx is None:
-        print("jaxspec: no C++ compiler (g++): few-row products use XLA's dots (slower decode)", file=sys.stderr)
+        print("jaxspec: no C++ compiler (g++): decode runs on XLA's own kernels (slower)", file=sys.stderr)
         return None
     path = _library_path(cxx)
     try:
         if not path.exists():
-            print("jaxspec: compiling the CPU matmul kernel (once per machine) ...", file=sys.stderr, flush=True)
+            print("jaxspec: compiling the CPU kernels (once per machine) ...", file=sys.stderr, flush=True)
             _build(cxx, path)
         lib = ctypes.cdll.LoadLibrary(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        print(f"jaxspec: CPU matmul kernel unavailable ({e}): few-row products use XLA's dots", file=sys.stderr)
+        print(f"jaxspec: CPU kernels unavailable ({e}): decode runs on XLA's own kernels (slower)", file=sys.stderr)
         return None
     jax.ffi.register_ffi_target("jaxspec_matmul_nn", jax.ffi.pycapsule(lib.JaxspecMatmulNN), platform="cpu")
     jax.ffi.register_ffi_target("jaxspec_matmul_nt", jax.ffi.pycapsule(lib.JaxspecMatmulNT), platform="cpu")
@@ -115,12 +115,12 @@ def _library() -> ctypes.CDLL | None:
 
 
 def active() -> bool:
-    """Whether products traced now may use the kernel (on the CPU backend, enabled, compiled)."""
+    """Whether what is traced now may use the kernels (on the CPU backend, enabled, compiled)."""
     return _on and jax.default_backend() == "cpu" and _library() is not None
 
 
 def state() -> str:
-    """What traced products use, for cache keys: ``"kernel"`` or ``"xla"``."""
+    """What traced code uses, for cache keys: ``"kernel"`` or ``"xla"``."""
     return "kernel" if active() else "xla"
 
 

@@ -120,3 +120,34 @@ def test_attention_derivatives_and_long_chunks_use_the_jnp_core() -> None:
     T = cpu_kernels.MAX_ROWS + 1
     assert not uses_kernel(attend, rand(rng, 1, T, 2, 2, 8), rand(rng, 1, 64, 2, 8), rand(rng, 1, 64, 2, 8),
                            np.arange(T, dtype=np.int32)[None], target="jaxspec_attend")
+
+
+def test_without_a_working_compiler_the_model_runs_on_xla(tmp_path) -> None:  # noqa: ANN001
+    """A machine whose compiler fails (here: ``CXX=false``, and no kernel cached yet): one line on stderr, then
+    the jnp code, with the same logits."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import jax, numpy as np\n"
+            "from jaxspec import cpu_kernels\n"
+            "from jaxspec.config import PRESETS\n"
+            "from jaxspec.model import KVCache, forward, init_params\n"
+            "cfg = PRESETS['tiny']\n"
+            "p = init_params(cfg, jax.random.PRNGKey(0))\n"
+            "out = forward(p, cfg, jax.numpy.array([[1, 2, 3]]), KVCache.create(cfg, 1, 8))[0]\n"
+            "np.save(__import__('sys').argv[1], np.asarray(out))\n"
+            "print(cpu_kernels.active())\n")
+    env = dict(os.environ, CXX="false", JAXSPEC_CACHE=str(tmp_path), JAX_PLATFORMS="cpu")
+    out = tmp_path / "logits.npy"
+    r = subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False"] and "CPU kernels unavailable" in r.stderr
+    from jaxspec.config import PRESETS
+    from jaxspec.model import KVCache, forward, init_params
+
+    cfg = PRESETS["tiny"]
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    with cpu_kernels.enabled(False):
+        ref = forward(params, cfg, jnp.array([[1, 2, 3]]), KVCache.create(cfg, 1, 8))[0]
+    np.testing.assert_allclose(np.load(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
