@@ -458,6 +458,7 @@ static ffi::Error Attend(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::
   Attention a{q.typed_data(), k.typed_data(), v.typed_data(), pos.typed_data(), out->typed_data(),
               qd[0], qd[1], qd[2], qd[3], qd[4], kd[1]};
   const int64_t items = a.B * a.T * a.KV;
+  if (items == 0) return ffi::Error::Success();  // no queries: nothing to split (and no part to divide by)
   pool().Run(attend_part, &a, static_cast<int>(std::min<int64_t>(items, pool().threads())));
   return ffi::Error::Success();
 }

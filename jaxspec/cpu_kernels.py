@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from functools import cache
 from pathlib import Path
 
 import jax
@@ -90,7 +89,7 @@ def _build(cxx: str, out: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-@cache
+@functools.cache
 def _library() -> ctypes.CDLL | None:
     """The compiled kernel, registered with XLA; None where it cannot be (reported once on stderr)."""
     if not SOURCE.exists() or platform.system() != "Linux":
