@@ -97,7 +97,10 @@ def _load(k: str) -> Any:
     """The executable stored under ``k``, or None if there is none or it cannot be used."""
     from jax.experimental.serialize_executable import deserialize_and_load
 
+    from jaxspec import cpu_kernels
+
     try:
+        cpu_kernels.register()
         data = _path(k).read_bytes()
         if not data.startswith(MAGIC):
             return None

@@ -16,10 +16,9 @@ from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.decode import MIN_WINDOW, Decoder, State, bucket, commit, grow, prefill, stream, write_tokens
+from jaxspec.decode import MIN_WINDOW, Decoder, State, bucket, commit, grow, prefill, stream, to_device, write_tokens
 from jaxspec.model import Params
 from jaxspec.tokenizer import StreamDecoder
 
@@ -60,23 +59,26 @@ class ChatSession:
         """
         dec, st = self.decoder, self.state
         cfg = dec.cfg
-        keep = min(int(st.cache.lengths[0]), len(self.ids) - 1)
+        keep = min(int(np.asarray(st.cache.lengths)[0]), len(self.ids) - 1)
         feed = [*self.ids[keep:], *new][:-1]
         T = bucket(len(feed))
-        st = grow(st.replace(cache=st.cache.replace(lengths=jnp.asarray([keep], jnp.int32))),
+        st = grow(st.replace(cache=st.cache.replace(lengths=to_device(np.asarray([keep], np.int32)))),
                   keep + max(T, len(feed) + dec.extra + 1), cfg.max_seq_len + dec.extra, MIN_WINDOW)
         toks = np.zeros((1, T), np.int32)
         toks[0, : len(feed)] = feed
         self.fed = len(feed)
         _, cache = write_tokens(self.params, dec, st.cache, toks, [keep + len(feed)], [len(feed)])
         history = st.history  # n-gram drafts search the whole conversation, this turn's tokens included
-        if history is not None:
-            history = history.at[0, : len(self.ids) + len(new)].set(jnp.asarray([*self.ids, *new], jnp.int32))
+        if history is not None:  # built on the host (valid up to the cache's length; the rest is never read)
+            hist = np.zeros(history.shape, np.int32)
+            hist[0, : len(self.ids) + len(new)] = [*self.ids, *new]
+            history = to_device(hist)
         room = cfg.max_seq_len - len(self.ids) - len(new)
         return commit(st.replace(
-            cache=cache, history=history, last=jnp.asarray([new[-1]], jnp.int32), out=jnp.zeros_like(st.out),
-            n_out=jnp.zeros_like(st.n_out), done=jnp.zeros_like(st.done),
-            budget=jnp.asarray([min(self.max_new, room)], jnp.int32),
+            cache=cache, history=history, last=to_device(np.asarray([new[-1]], np.int32)),
+            out=to_device(np.zeros(st.out.shape, np.int32)), n_out=to_device(np.zeros(st.n_out.shape, np.int32)),
+            done=to_device(np.zeros(st.done.shape, bool)),
+            budget=to_device(np.asarray([min(self.max_new, room)], np.int32)),
             stats=dec.init_stats(1, self.max_new, **self.init)))
 
     def send(self, user: str) -> Iterator[str]:

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -38,6 +39,7 @@ SOURCE = Path(__file__).with_suffix(".cc")
 MAX_ROWS = 32  # rows (query tokens) above which XLA is as fast (BENCHMARKS.md, "Decode on both cores")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=gnu++20", "-shared", "-fPIC", "-pthread")
 _on = os.environ.get("JAXSPEC_CPU_KERNELS", "1") != "0"
+_lock = threading.Lock()  # ``aot``'s loader threads and the tracing thread may ask for the library at once
 
 
 @contextlib.contextmanager
@@ -89,9 +91,14 @@ def _build(cxx: str, out: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-@functools.cache
 def _library() -> ctypes.CDLL | None:
     """The compiled kernel, registered with XLA; None where it cannot be (reported once on stderr)."""
+    with _lock:
+        return _load_library()
+
+
+@functools.cache
+def _load_library() -> ctypes.CDLL | None:
     if not SOURCE.exists() or platform.system() != "Linux":
         return None
     cxx = _compiler()
@@ -111,6 +118,13 @@ def _library() -> ctypes.CDLL | None:
     jax.ffi.register_ffi_target("jaxspec_matmul_nt", jax.ffi.pycapsule(lib.JaxspecMatmulNT), platform="cpu")
     jax.ffi.register_ffi_target("jaxspec_attend", jax.ffi.pycapsule(lib.JaxspecAttend), platform="cpu")
     return lib
+
+
+def register() -> None:
+    """Register the kernels with XLA where they can run, before an executable that calls them is deserialized
+    (``aot``: XLA refuses one whose FFI targets it does not know)."""
+    if _on and jax.default_backend() == "cpu":
+        _library()
 
 
 def active() -> bool:

@@ -232,17 +232,17 @@ def write_tokens(params: Params, decoder: Decoder, cache: KVCache, tokens: np.nd
     token (zeros where none) and the cache. ``fresh``: ``cache`` is empty (its first chunk sees only itself)."""
     chunk = PREFILL_BUCKETS[-1]
     last = np.asarray(written) - 1  # each row's last real token in ``tokens``
-    h_last = None
+    h_last, start = None, host(cache.lengths) if tokens.shape[1] > chunk else None
     for i in range(0, tokens.shape[1], chunk):
-        part = jnp.asarray(tokens[:, i : i + chunk])
-        end = cache.lengths + part.shape[1] if i + chunk < tokens.shape[1] else jnp.asarray(lengths, jnp.int32)
+        part = to_device(tokens[:, i : i + chunk])
+        end = to_device(np.asarray(lengths if i + chunk >= tokens.shape[1] else start + i + chunk, np.int32))
         h, cache = decoder.prefill_cache(params, part, cache, end, fresh and i == 0)
         if h_last is None:
             h_last = jax.device_put(np.zeros((h.shape[0], h.shape[2]), h.dtype))
         rows = (last >= i) & (last < i + part.shape[1])
         if rows.any():
-            h_last = aot.call(_pick, h_last, h, jnp.asarray(np.clip(last - i, 0, part.shape[1] - 1), jnp.int32),
-                              jnp.asarray(rows))
+            h_last = aot.call(_pick, h_last, h, to_device(np.clip(last - i, 0, part.shape[1] - 1).astype(np.int32)),
+                              to_device(rows))
     return h_last, cache
 
 
@@ -280,15 +280,15 @@ def prefill(params: Params, decoder: Decoder, prompts: list[list[int]], max_new:
         hist = np.zeros((B, cache.max_len), np.int32)
         for b, p in enumerate(prompts):
             hist[b, : len(p)] = p
-        history = jnp.asarray(hist)
+        history = to_device(hist)
     state = State(
         cache=cache,
         last=jax.device_put(np.zeros((B,), np.int32)),  # ``first`` sets it
         out=jax.device_put(np.zeros((B, max(budgets)), np.int32)),  # host zeros: nothing to compile
         n_out=jax.device_put(np.zeros((B,), np.int32)),
         done=jax.device_put(np.zeros((B,), bool)),
-        budget=jnp.asarray(budgets, jnp.int32),
-        key=jax.random.key(seed),
+        budget=to_device(np.asarray(budgets, np.int32)),
+        key=new_key(seed),
         stats=decoder.init_stats(B, max(budgets), **init),
         history=history,
     )
@@ -308,6 +308,22 @@ def grow(state: State, need: int, full: int, smallest: int = MIN_WINDOW) -> Stat
     """``state`` with cache (and token history) room for ``need`` slots: copied into a larger window if it lacks
     it (the old one is freed when the caller drops it)."""
     return state if need <= state.cache.max_len else _pad(state, window_len(need, full, smallest))
+
+
+def to_device(a: np.ndarray) -> Array:
+    """A host array on the default device, by transfer alone: ``jnp.asarray`` would trace, look up and load a
+    small executable per shape (tens of ms each on a warm start; several sat between a prompt and its first token)."""
+    return jax.device_put(np.asarray(a))
+
+
+def new_key(seed: int) -> Array:
+    """``jax.random.key(seed)`` (threefry) built on the host: no executable to load on a warm start."""
+    return jax.random.wrap_key_data(to_device(np.asarray([(seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF], np.uint32)))
+
+
+@jax.jit
+def _copy(state: State) -> State:
+    return jax.tree.map(jnp.copy, state)
 
 
 def commit(state: State) -> State:
@@ -354,7 +370,7 @@ def host(x: Array) -> np.ndarray:
 
 def capacity_needed(decoder: Decoder, state: State) -> tuple[int, int]:
     """(slots the next step needs, slots the rest of the request needs) for ``state``'s cache (host values)."""
-    lengths, rest = host(state.cache.lengths), host(state.budget - state.n_out)
+    lengths, rest = host(state.cache.lengths), host(state.budget) - host(state.n_out)
     full = capacity(decoder, int((lengths + 1 + rest).max()))
     return int(lengths.max()) + decoder.extra + 1, full
 
@@ -365,15 +381,15 @@ def stream(decoder: Decoder, params: Params, state: State, steps_per_call: int =
     token), the state after the first step, then every ``steps_per_call`` steps (for streaming) or when the cache's
     window fills (the cache then grows to the next window). ``on_window`` sees the state before the first run on
     each cache window: a new shape, so a new compilation."""
-    if bool(jnp.any(state.n_out > 0)):
+    if host(state.n_out).any():
         yield state
     steps, window = 1, None
-    while not bool(jnp.all(state.done)):
+    while not host(state.done).all():
         state = grow(state, *capacity_needed(decoder, state))
         if on_window is not None and state.cache.max_len != window:
             window = state.cache.max_len
             on_window(state)
-        state = run(decoder, params, state, jnp.int32(steps))
+        state = run(decoder, params, state, to_device(np.int32(steps)))
         steps = steps_per_call
         yield state
 
@@ -394,7 +410,7 @@ def generate(decoder: Decoder, params: Params, prompts: list[list[int]], max_new
         first execution, which would otherwise land in decode_s (cached after the first call). Done for the first
         window and again for each larger one the cache grows into."""
         t = time.perf_counter()
-        jax.block_until_ready(run(decoder, params, jax.tree.map(jnp.copy, s), jnp.int32(1)))
+        jax.block_until_ready(run(decoder, params, aot.call(_copy, s), to_device(np.int32(1))))
         compile_s[0] += time.perf_counter() - t
 
     final = state

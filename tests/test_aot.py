@@ -53,12 +53,12 @@ def test_warm_run_is_token_identical(params, cache, loads, dec):
     aot.enable(cache)
     cold = generate(dec, params, [PROMPT], 14)
     files = sorted(cache.glob("*.bin"))
-    assert len(files) == 6  # one prefill bucket's embedding, layer, final norm and last-row pick; first token; loop
+    assert len(files) == 7  # a prefill bucket's embedding, layer, final norm, last-row pick; first token; loop; copy
     assert not any(loads)
     aot.enable(cache)  # a new process: nothing in memory, everything on disk
     loads.clear()
     warm = generate(dec, params, [PROMPT], 14)
-    assert loads == [True] * 6
+    assert loads == [True] * 7
     assert sorted(cache.glob("*.bin")) == files
     assert cold.tokens == warm.tokens == plain.tokens
 
@@ -102,11 +102,11 @@ def test_damaged_entry_falls_back_and_is_rewritten(params, cache, loads, damage)
     aot.enable(cache)
     loads.clear()
     assert generate(dec, params, [PROMPT], 10).tokens == cold.tokens
-    assert loads == [False] * 6
+    assert loads == [False] * 7
     aot.enable(cache)  # rewritten: the next process loads them
     loads.clear()
     assert generate(dec, params, [PROMPT], 10).tokens == cold.tokens
-    assert loads == [True] * 6
+    assert loads == [True] * 7
 
 
 _RUN = """
@@ -141,7 +141,7 @@ def test_entry_written_after_xla_cache_hit_loads_in_a_new_process(tmp_path):
     for o in outs:
         assert o.returncode == 0, o.stderr[-2000:]
     assert outs[0].stdout == outs[1].stdout == outs[2].stdout
-    assert len(list((tmp_path / "new").glob("*.bin"))) == 8  # a prefill bucket (4), two first-token and decode loops
+    assert len(list((tmp_path / "new").glob("*.bin"))) == 10  # a prefill bucket (4); each decoder's first, loop, copy
 
 
 def test_entries_load_onto_their_device_when_there_are_several(tmp_path):
@@ -164,9 +164,9 @@ def test_prefetch_loads_the_latest_runs_executables(params, cache, loads):
     cold = generate(dec, params, [PROMPT], 10)
     loads.clear()  # before the prefetch threads start: they may finish a load before the next line
     aot.enable(cache, prefetch=True)  # the next process
-    assert len(aot._pending) == 6
+    assert len(aot._pending) == 7
     assert generate(dec, params, [PROMPT], 10).tokens == cold.tokens
-    assert loads == [True] * 6 and not aot._pending  # all loaded by the prefetch threads, all used
+    assert loads == [True] * 7 and not aot._pending  # all loaded by the prefetch threads, all used
     (cache / aot.RECENT).write_text("{not json")
     aot.enable(cache, prefetch=True)
     assert not aot._pending
@@ -183,3 +183,40 @@ def test_trim_deletes_least_recently_used_entries_beyond_the_limit(cache):
     (cache / aot.RECENT).write_text("[]")
     aot._trim(250)
     assert sorted(p.name for p in cache.glob("*.bin")) == ["2.bin", "3.bin"] and (cache / aot.RECENT).exists()
+
+
+_PREFETCHED = """
+import sys, jax
+from jaxspec import aot
+from jaxspec.config import PRESETS
+from jaxspec.decode import generate
+from jaxspec.model import init_params
+from jaxspec.speculative import SpecDecoder
+aot.enable(sys.argv[1], prefetch=True)
+compiled = []
+real = aot._compile
+aot._compile = lambda fn, args: compiled.append(fn.__name__) or real(fn, args)
+cfg = PRESETS["tiny"]
+print(generate(SpecDecoder(cfg, eos_ids=(), drafter="ngram"), init_params(cfg, jax.random.key(0)),
+               [[5, 6, 7, 8, 5, 6, 7]], 12).tokens[0], compiled)
+"""
+
+
+def test_a_new_process_prefetching_executables_that_call_the_cpu_kernels_compiles_nothing(tmp_path):
+    """The prefetch threads deserialize before anything is traced; XLA refuses an executable whose FFI targets are
+    not registered yet (regression: every warm ``generate.py`` run compiled its first-token function again, 0.7 s
+    of its time to first token)."""
+    import subprocess
+    import sys
+
+    from jaxspec import cpu_kernels
+
+    outs = [subprocess.run([sys.executable, "-c", _PREFETCHED, str(tmp_path)], capture_output=True, text=True,
+                           timeout=300) for _ in range(2)]
+    for o in outs:
+        assert o.returncode == 0, o.stderr[-2000:]
+    cold, warm = (o.stdout.strip().rsplit(" [", 1) for o in outs)
+    assert cold[0] == warm[0] and cold[1] != "]"
+    assert warm[1] == "]", f"the warm process compiled {warm[1]}"
+    if cpu_kernels.active():  # the case this is about: the executables call the kernels
+        assert any(b"jaxspec_matmul" in p.read_bytes() for p in tmp_path.glob("*.bin"))
