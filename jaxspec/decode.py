@@ -317,8 +317,10 @@ def to_device(a: np.ndarray) -> Array:
 
 
 def new_key(seed: int) -> Array:
-    """``jax.random.key(seed)`` (threefry) built on the host: no executable to load on a warm start."""
-    return jax.random.wrap_key_data(to_device(np.asarray([(seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF], np.uint32)))
+    """``jax.random.key(seed)`` (threefry) built on the host: no executable to load on a warm start. A seed that
+    fits 32 bits (negative ones too) has high word 0, as jax gives it."""
+    hi = 0 if -(1 << 31) <= seed < 1 << 32 else (seed >> 32) & 0xFFFFFFFF
+    return jax.random.wrap_key_data(to_device(np.asarray([hi, seed & 0xFFFFFFFF], np.uint32)))
 
 
 @jax.jit

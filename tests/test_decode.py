@@ -156,3 +156,10 @@ def test_fresh_prefill_attends_over_its_own_slots_only_and_matches(params, monke
     np.testing.assert_allclose(h1, h0, atol=1e-5, rtol=1e-5)
     for a, b in zip(c1.k + c1.v, c0.k + c0.v, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 5, -1, -5, 2**31 - 1, 2**32 - 1])
+def test_new_key_is_jax_random_key(seed):
+    from jaxspec.decode import new_key
+
+    assert jax.random.key_data(new_key(seed)).tolist() == jax.random.key_data(jax.random.key(seed)).tolist()
