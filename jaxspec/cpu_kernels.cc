@@ -2,6 +2,7 @@
 //
 //   jaxspec_matmul_nn: y[r, n] = sum_k x[r, k] * w[k, n]   (w is (K, N): the model's (in, out) weights)
 //   jaxspec_matmul_nt: y[r, n] = sum_k x[r, k] * w[n, k]   (w is (N, K): the tied embedding as the head)
+//   jaxspec_matmul_packed: y = x @ w for w packed in tiles of kTile columns (see pack below): the fast one
 //   jaxspec_attend:    causal attention of a few query tokens over the live part of a layer's K/V cache
 //
 // Work is split between the caller and a persistent pool of spinning workers, each weight byte read once, by one
@@ -192,6 +193,59 @@ static void nt_cols(const float* x, int64_t R, int64_t K, int64_t ldx, const flo
     for (int64_t r = 0; r < R; ++r) nt_block<1, 1>(x + r * ldx, ldx, K, w, ldw, y + r * ldy, ldy, n);
 }
 
+// PACKED: w (K, N) stored as ceil(N / kTile) tiles, tile j holding w[k, j*kTile : (j+1)*kTile] for k = 0..K-1
+// back to back (zero columns past N): one sequential stream per tile, which the prefetchers follow, and a tile's
+// whole sum over K in registers (the NN kernel's panels reload and store them every kPanel rows of w, and stream
+// kPanel rows at once). A tile is read from memory for its first block of x rows and from L2 for the others.
+// Each output element is summed in order k = 0, ..., K - 1 whatever R is.
+constexpr int kTile = kLanes;  // one vector: 16 floats with AVX-512, 8 with AVX2 (jaxspec_packed_tile)
+constexpr int kTileV = kTile / kLanes;  // vectors per tile row
+constexpr int kPackRows = 10;  // rows per block (AVX2: 10 accumulators of 16 registers; measured best of 8-14)
+
+template <int RB>
+static void pk_micro(const float* x, int64_t ldx, const float* tile, int64_t K, float* y, int64_t ldy) {
+  v16 acc[RB][kTileV];
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < kTileV; ++v) acc[r][v] = v16{};
+  const float* wp = tile;
+  for (int64_t k = 0; k < K; ++k, wp += kTile) {
+    __builtin_prefetch(wp + 64 * kTile);
+    v16 wv[kTileV];
+    for (int v = 0; v < kTileV; ++v) wv[v] = load(wp + kLanes * v);
+    for (int r = 0; r < RB; ++r) {
+      const v16 xs = splat(x[r * ldx + k]);
+      for (int v = 0; v < kTileV; ++v) acc[r][v] = fma(xs, wv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < kTileV; ++v) store(y + r * ldy + kLanes * v, acc[r][v]);
+}
+
+typedef void (*PKRows)(const float*, int64_t, const float*, int64_t, float*, int64_t);
+template <int... RB>
+struct PKTable {
+  static constexpr PKRows fns[] = {nullptr, pk_micro<RB>...};
+};
+static constexpr auto& kPKRows = PKTable<1, 2, 3, 4, 5, 6, 7, 8, 9, 10>::fns;
+static_assert(kPackRows <= 10 && kPackRows + 2 <= kAcc + 4);
+
+// Rows [0, R) of x times tile j of a packed (K, N) weight into y's columns [j*kTile, ...) (those < N), in
+// equal blocks of at most kPackRows rows.
+static void pk_tile(const float* x, int64_t R, int64_t K, const float* tile, float* y, int64_t N, int64_t j) {
+  const int64_t blocks = (R + kPackRows - 1) / kPackRows, c = j * kTile;
+  float tmp[kPackRows * kTile];
+  for (int64_t b = 0, r = 0; b < blocks; ++b) {
+    const int64_t r1 = R * (b + 1) / blocks;
+    if (c + kTile <= N) {
+      kPKRows[r1 - r](x + r * K, K, tile, K, y + r * N + c, N);
+    } else {  // the last, partial tile
+      kPKRows[r1 - r](x + r * K, K, tile, K, tmp, kTile);
+      for (int64_t i = r; i < r1; ++i) std::copy(tmp + (i - r) * kTile, tmp + (i - r) * kTile + (N - c), y + i * N + c);
+    }
+    r = r1;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // A pool of workers that spin for a while after each job (decode issues one every few microseconds), then sleep.
 constexpr int kMaxThreads = 64;
@@ -285,7 +339,7 @@ constexpr int kMaxMats = 4;
 struct Problem {
   const float* x;
   int64_t R, K;
-  bool nt;
+  bool nt, packed;
   int mats;
   const float* w[kMaxMats];
   float* y[kMaxMats];
@@ -298,6 +352,18 @@ struct Problem {
 // own buffer, summed into y afterwards in part order. The split depends only on the shapes and the thread count.
 static void solve(void* ctx, int part, int parts) {
   Problem& p = *static_cast<Problem*>(ctx);
+  if (p.packed) {  // part i takes an equal share of all the ws' tiles (a contiguous stretch of memory)
+    int64_t tiles = 0, base = 0;
+    for (int m = 0; m < p.mats; ++m) tiles += (p.N[m] + kTile - 1) / kTile;
+    const int64_t t0 = tiles * part / parts, t1 = tiles * (part + 1) / parts;
+    for (int m = 0; m < p.mats; ++m) {
+      const int64_t n = (p.N[m] + kTile - 1) / kTile;
+      for (int64_t t = std::max(t0, base); t < std::min(t1, base + n); ++t)
+        pk_tile(p.x, p.R, p.K, p.w[m] + (t - base) * p.K * kTile, p.y[m], p.N[m], t - base);
+      base += n;
+    }
+    return;
+  }
   if (p.nt) {
     for (int m = 0; m < p.mats; ++m) {
       const int64_t N = p.N[m], vecs = (N + kLanes - 1) / kLanes;
@@ -324,29 +390,36 @@ static void solve(void* ctx, int part, int parts) {
   }
 }
 
-static ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws, ffi::RemainingRets ys, bool nt) {
+static ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws, ffi::RemainingRets ys, bool nt,
+                         bool packed = false) {
   auto xd = x.dimensions();
   if (xd.size() != 2 || ws.size() != ys.size() || ws.size() < 1 || ws.size() > kMaxMats)
     return ffi::Error::InvalidArgument("jaxspec_matmul: x (R, K) and 1-4 weights, one output each");
-  Problem p{x.typed_data(), xd[0], xd[1], nt, static_cast<int>(ws.size()), {}, {}, {}, {}};
+  Problem p{x.typed_data(), xd[0], xd[1], nt, packed, static_cast<int>(ws.size()), {}, {}, {}, {}};
   int64_t size = 0;
   for (int m = 0; m < p.mats; ++m) {
     auto w = ws.get<ffi::Buffer<ffi::F32>>(m);
     auto y = ys.get<ffi::Buffer<ffi::F32>>(m);
     if (w.has_error() || y.has_error()) return ffi::Error::InvalidArgument("jaxspec_matmul: float32 buffers only");
     auto wd = w->dimensions();
-    if (wd.size() != 2 || (nt ? wd[1] : wd[0]) != p.K)
+    auto yd = (*y)->dimensions();
+    if (packed) {
+      if (wd.size() != 3 || wd[1] != p.K || wd[2] != kTile || yd.size() != 2 || yd[0] != p.R ||
+          (yd[1] + kTile - 1) / kTile != wd[0])
+        return ffi::Error::InvalidArgument("jaxspec_matmul_packed: weights (tiles, K, tile) covering y (R, N)");
+    } else if (wd.size() != 2 || (nt ? wd[1] : wd[0]) != p.K) {
       return ffi::Error::InvalidArgument("jaxspec_matmul: weights must be 2-D with x's contracting size");
+    }
     p.w[m] = w->typed_data();
     p.y[m] = (*y)->typed_data();
-    p.N[m] = nt ? wd[0] : wd[1];
+    p.N[m] = packed ? yd[1] : nt ? wd[0] : wd[1];
     size += p.K * p.N[m];
   }
   if (p.R == 0) return ffi::Error::Success();
   // Small weights (a test model's) are not worth waking a thread for; the choice depends on the shapes only.
   const int parts = size < (1 << 16) ? 1 : pool().threads();
   pool().Run(solve, &p, parts);
-  if (!nt)
+  if (!nt && !packed)
     for (int i = 1; i < parts; ++i) {
       const float* part = p.partial[i];
       for (int m = 0; m < p.mats; ++m) {
@@ -365,6 +438,12 @@ static ffi::Error MatmulNT(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws, ffi::
   return Matmul(x, ws, ys, true);
 }
 
+static ffi::Error MatmulPacked(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws, ffi::RemainingRets ys) {
+  return Matmul(x, ws, ys, false, true);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxspecMatmulPacked, MatmulPacked,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxspecMatmulNN, MatmulNN,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxspecMatmulNT, MatmulNT,
@@ -472,3 +551,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxspecAttend, Attend,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 extern "C" int jaxspec_matmul_threads() { return pool().threads(); }
+extern "C" int jaxspec_packed_tile() { return kTile; }

@@ -3,7 +3,10 @@
 Why: a decode step multiplies one row (a verify, 2-13 rows) by every weight matrix, one after another. XLA:CPU runs
 each such product on about one core's bandwidth, and at 2+ rows streams 1.5-3x slower per byte than at one row,
 which is what made a verify cost several decode steps here. ``matmul``/``matmul_t`` split each product over all cores
-(each streams its own contiguous share of the weights) and are as fast at 2-5 rows as at one. ``attend`` does a
+(each streams its own contiguous share of the weights) and are as fast at 2-5 rows as at one. ``model.pack``'s
+``Packed`` weights (tiles of one vector's width of columns, each tile's rows back to back) go to a third product
+kernel that streams each tile once with its sums in registers: a 9-row verify's products then cost ~1.2 decode
+steps' instead of ~1.5 (the (K, N) kernel's panels stream 8 rows at once and reload their sums). ``attend`` does a
 layer's attention core of a few query tokens in one call over the live keys only (the jnp version is ~10 small XLA
 kernels per layer over the whole cache window). Every output element is computed in one fixed order whatever the
 row count, so a T-token verify computes bit for bit what T decode steps compute.
@@ -19,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -33,6 +38,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 SOURCE = Path(__file__).with_suffix(".cc")
@@ -116,6 +122,7 @@ def _load_library() -> ctypes.CDLL | None:
         return None
     jax.ffi.register_ffi_target("jaxspec_matmul_nn", jax.ffi.pycapsule(lib.JaxspecMatmulNN), platform="cpu")
     jax.ffi.register_ffi_target("jaxspec_matmul_nt", jax.ffi.pycapsule(lib.JaxspecMatmulNT), platform="cpu")
+    jax.ffi.register_ffi_target("jaxspec_matmul_packed", jax.ffi.pycapsule(lib.JaxspecMatmulPacked), platform="cpu")
     jax.ffi.register_ffi_target("jaxspec_attend", jax.ffi.pycapsule(lib.JaxspecAttend), platform="cpu")
     return lib
 
@@ -137,17 +144,80 @@ def state() -> str:
     return "kernel" if active() else "xla"
 
 
-def _usable(x: Array, ws: Sequence[Array]) -> bool:
+def takes(rows: int) -> bool:
+    """Whether a product of ``rows`` rows traced now goes to the kernels (float32 weights assumed)."""
+    return rows <= MAX_ROWS and active()
+
+
+def _usable(x: Array, ws: Sequence[Array | Packed]) -> bool:
     return (x.shape[0] <= MAX_ROWS and x.dtype == jnp.float32 and all(w.dtype == jnp.float32 for w in ws)
             and active())
 
 
-def matmul(x: Array, *ws: Array) -> list[Array]:
-    """``[x @ w for w in ws]`` for x (R, K) and weights (K, N_i), float32 results: one kernel call for all (a layer's
-    Q, K and V, or gate and up) when few-row float32 on CPU, else XLA's dots."""
+def tile() -> int:
+    """Columns per tile of a packed weight: one vector register of floats of this CPU (0: no kernels)."""
+    lib = _library()
+    return int(lib.jaxspec_packed_tile()) if lib is not None else 0
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["data"], meta_fields=["shape", "n_in"])
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """A weight of logical ``shape`` whose first ``n_in`` axes are contracted, as the packed kernel reads it: the
+    (K, N) matrix in ``ceil(N / tile())`` tiles of ``tile()`` columns, each tile's K rows back to back (zeros past
+    N), so ``data`` is (tiles, K, tile()). One sequential stream per tile, each tile's sums in registers: a 9-row
+    product costs ~1.2 one-row products, where the (K, N) kernel's cost 1.5 (BENCHMARKS.md, "Packed weight tiles")."""
+
+    data: Array
+    shape: tuple[int, ...]
+    n_in: int = 1
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.data.dtype
+
+    def matrix(self) -> Array:
+        """The (K, N) matrix again (XLA's dots, for row counts the kernel does not take)."""
+        t, k, c = self.data.shape
+        return self.data.transpose(1, 0, 2).reshape(k, t * c)[:, : math.prod(self.shape[self.n_in:])]
+
+
+def pack(w: Array | np.ndarray, n_in: int = 1) -> Packed:
+    """``w`` (contracting its first ``n_in`` axes) as a ``Packed`` weight, built on the host."""
+    a = np.asarray(w)
+    k, n = math.prod(a.shape[:n_in]), math.prod(a.shape[n_in:])
+    c = tile()
+    m = np.zeros((k, -(-n // c) * c), a.dtype)
+    m[:, :n] = a.reshape(k, n)
+    data = np.ascontiguousarray(m.reshape(k, -1, c).transpose(1, 0, 2))
+    return Packed(jax.device_put(data), tuple(a.shape), n_in)
+
+
+def matmul(x: Array, *ws: Array | Packed) -> list[Array]:
+    """``[x @ w for w in ws]`` for x (R, K) and weights (K, N_i) (or ``Packed``), float32 results: one kernel call
+    for all (a layer's Q, K and V, or gate and up) when few-row float32 on CPU, else XLA's dots."""
+    packed = [isinstance(w, Packed) for w in ws]
+    if any(packed) and not all(packed):
+        raise ValueError("matmul: packed and plain weights in one call")
     if not _usable(x, ws):
-        return [jnp.dot(x, w, preferred_element_type=jnp.float32) for w in ws]
+        return [jnp.dot(x, w.matrix() if isinstance(w, Packed) else w, preferred_element_type=jnp.float32)
+                for w in ws]
+    if all(packed):
+        out = [jax.ShapeDtypeStruct((x.shape[0], math.prod(w.shape[w.n_in:])), jnp.float32) for w in ws]
+        return list(_packed(x, tuple(w.data for w in ws), tuple(out)))
     return list(_nn(x, tuple(ws)))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _packed(x: Array, ws: tuple[Array, ...], out: tuple[jax.ShapeDtypeStruct, ...]) -> tuple[Array, ...]:
+    return tuple(jax.ffi.ffi_call("jaxspec_matmul_packed", list(out))(x, *ws))
+
+
+@_packed.defjvp
+def _packed_jvp(out: tuple, primals: tuple, tangents: tuple) -> tuple:
+    (x, ws), (dx, dws) = primals, tangents
+    mat = [lambda d, o=o: d.transpose(1, 0, 2).reshape(d.shape[1], -1)[:, : o.shape[1]] for o in out]
+    return _packed(x, ws, out), tuple(dx @ f(w) + x @ f(dw) for f, w, dw in zip(mat, ws, dws, strict=True))
 
 
 def matmul_t(x: Array, w: Array) -> Array:

@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxspec import aot
 from jaxspec.config import Config
-from jaxspec.model import KVCache, Layer, Params, block, forward, logits_of, pytree, rms_norm
+from jaxspec.model import KVCache, Layer, Params, block, forward, layers_for, logits_of, pytree, rms_norm
 from jaxspec.sampling import Sampling, sample
 
 Array = jax.Array
@@ -114,7 +114,7 @@ class Decoder:
             return aot.call(_prefill_scan, params, self.cfg, tokens, cache, lengths, fresh, static=(1, 5))
         x = aot.call(_embed, params.embed, tokens)
         ks, vs = list(cache.k), list(cache.v)
-        for i, layer in enumerate(params.layers):
+        for i, layer in enumerate(layers_for(params, tokens.size)):
             x, ks[i], vs[i] = aot.call(_prefill_layer, layer, self.cfg, x, ks[i], vs[i], cache.lengths, fresh,
                                        static=(1, 6))
         return aot.call(_final_norm, params.norm, self.cfg, x, static=(1,)), KVCache(tuple(ks), tuple(vs), lengths)

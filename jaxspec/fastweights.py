@@ -40,13 +40,15 @@ def path_for(cache: Path, ckpt: Path, dtype: str) -> Path:
     return cache / f"{ckpt.name}-{hashlib.sha256(str(ckpt).encode()).hexdigest()[:16]}-{dtype}.bin"
 
 
-def signature(ckpt: Path, dtype: str) -> dict[str, Any]:
-    """What the copy must agree with: the manifest's hash and every parameter file's size and mtime."""
+def signature(ckpt: Path, dtype: str, packed: int = 0) -> dict[str, Any]:
+    """What the copy must agree with: the manifest's hash, every parameter file's size and mtime, and ``packed``: the
+    tile width of the packed weights it also holds (``model.pack``), 0 for none."""
     params = ckpt / "params"
     files = sorted(p for p in params.rglob("*") if p.is_file())
     return {"checkpoint": str(ckpt.resolve()), "dtype": dtype,
             "manifest": hashlib.sha256((ckpt / "manifest.json").read_bytes()).hexdigest(),
-            "files": [[p.relative_to(params).as_posix(), (s := p.stat()).st_size, s.st_mtime_ns] for p in files]}
+            "files": [[p.relative_to(params).as_posix(), (s := p.stat()).st_size, s.st_mtime_ns] for p in files],
+            "packed": packed}
 
 
 def _align(n: int) -> int:

@@ -68,6 +68,60 @@ class Params:
     lm_head: Array | None  # None when the embeddings are tied
     draft: Any = None  # a cheap copy for speculative drafts only (``draft_model.DraftParams``), or None
     stacked: Layer | None = None  # the layers' weights as (n_layers, ...) arrays over the same memory, or None
+    packed: PackedWeights | None = None  # ``pack``: the layers (then the head) for the CPU kernel's few-row products
+
+
+@pytree
+class PackedWeights:
+    """The weights again in ``cpu_kernels.Packed`` tiles, for products of few rows (decode steps, verifies)."""
+
+    layers: tuple[Layer, ...]
+    head: cpu_kernels.Packed  # the output head as (dim, vocab): the tied embedding transposed, or lm_head
+
+
+_PACKED_N_IN = {"wo": 2}  # the weights whose first two axes are contracted; the others contract one
+PACKED_PREFIX = "packed."
+
+
+def pack(params: Params, flat: dict[str, Array] | None = None) -> Params:
+    """``params`` with a ``PackedWeights`` copy of its float32 weight matrices where the CPU kernels run (a second
+    copy of the weights: decode steps and verifies read that one, long prompts' chunks the other); else unchanged.
+    ``flat``: the packed arrays by ``packed_to_flat``'s names, as a fast-weights copy stored them (else packed
+    here, ~2 s for SmolLM2)."""
+    if not cpu_kernels.active() or params.embed.dtype != jnp.float32 or params.packed is not None:
+        return params
+
+    def get(name: str, w: Any, n_in: int = 1, shape: tuple[int, ...] | None = None) -> cpu_kernels.Packed:
+        """``w`` packed (``w()`` if callable, of ``shape``), or the stored packing of it."""
+        if flat is not None and PACKED_PREFIX + name in flat:
+            return cpu_kernels.Packed(flat[PACKED_PREFIX + name], shape or tuple(w.shape), n_in)
+        return cpu_kernels.pack(w() if callable(w) else w, n_in)
+
+    layers = tuple(Layer(**{k: getattr(ly, k) if k.endswith("norm") else
+                            get(f"layers.{i}.{k}", getattr(ly, k), _PACKED_N_IN.get(k, 1))
+                            for k in Layer.__dataclass_fields__}) for i, ly in enumerate(params.layers))
+    if params.lm_head is None:  # tied: the head is the embedding transposed
+        head = get("head", lambda: np.asarray(params.embed).T, shape=params.embed.shape[::-1])
+    else:
+        head = get("head", params.lm_head)
+    return params.replace(packed=PackedWeights(layers, head))
+
+
+def packed_to_flat(params: Params) -> dict[str, Array]:
+    """The packed arrays of ``params`` (none when it has none) by name: ``packed.layers.{i}.wq``, ``packed.head``."""
+    if params.packed is None:
+        return {}
+    flat = {PACKED_PREFIX + "head": params.packed.head.data}
+    for i, ly in enumerate(params.packed.layers):
+        flat.update({f"{PACKED_PREFIX}layers.{i}.{k}": getattr(ly, k).data for k in Layer.__dataclass_fields__
+                     if not k.endswith("norm")})
+    return flat
+
+
+def layers_for(params: Params, rows: int) -> tuple[Layer, ...]:
+    """The layers' weights a chunk of ``rows`` rows (batch x tokens) reads: the packed ones where the kernel takes
+    that many rows."""
+    return params.packed.layers if params.packed is not None and cpu_kernels.takes(rows) else params.layers
 
 
 def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
@@ -217,7 +271,8 @@ def project(x: Array, *ws: Array, n_in: int = 1) -> list[Array]:
     """float32 ``x @ w`` for each weight, contracting x's last ``n_in`` axes with w's first ``n_in``
     (``cpu_kernels``: one kernel call for all of them on CPU at few rows)."""
     lead, k = x.shape[:-n_in], math.prod(x.shape[-n_in:])
-    outs = cpu_kernels.matmul(x.reshape(-1, k), *(w.reshape(k, -1) for w in ws))
+    outs = cpu_kernels.matmul(x.reshape(-1, k), *(w if isinstance(w, cpu_kernels.Packed) else w.reshape(k, -1)
+                                                   for w in ws))
     return [y.reshape(*lead, *w.shape[n_in:]) for y, w in zip(outs, ws, strict=True)]
 
 
@@ -255,7 +310,7 @@ def hidden(params: Params, cfg: Config, tokens: Array, cache: KVCache,
     """
     x = params.embed[tokens].astype(jnp.float32)
     ks, vs = list(cache.k), list(cache.v)
-    for i, layer in enumerate(params.layers):
+    for i, layer in enumerate(layers_for(params, tokens.size)):
         x, ks[i], vs[i] = block(layer, cfg, x, ks[i], vs[i], cache.lengths, i not in skip.attn, i not in skip.mlp)
     x = rms_norm(x, params.norm, cfg.norm_eps).astype(params.embed.dtype)
     return x, KVCache(k=tuple(ks), v=tuple(vs), lengths=cache.lengths + tokens.shape[1])
@@ -279,6 +334,8 @@ def block(layer: Layer, cfg: Config, x: Array, k_cache: Array, v_cache: Array, s
 def logits_of(params: Params, x: Array) -> Array:
     """Project hidden states (..., dim) to float32 vocabulary logits."""
     lead = x.shape[:-1]
+    if params.packed is not None and cpu_kernels.takes(math.prod(lead)):
+        return project(x, params.packed.head)[0]
     if params.lm_head is None:
         return cpu_kernels.matmul_t(x.reshape(-1, x.shape[-1]), params.embed).reshape(*lead, -1)
     return project(x, params.lm_head)[0]

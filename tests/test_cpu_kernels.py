@@ -151,3 +151,66 @@ def test_without_a_working_compiler_the_model_runs_on_xla(tmp_path) -> None:  # 
     with cpu_kernels.enabled(False):
         ref = forward(params, cfg, jnp.array([[1, 2, 3]]), KVCache.create(cfg, 1, 8))[0]
     np.testing.assert_allclose(np.load(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("R,K,Ns", SHAPES)
+def test_packed_matches_float64_products(R: int, K: int, Ns: list[int]) -> None:
+    rng = np.random.default_rng(R * 1000 + K + 1)
+    x, ws = rand(rng, R, K), [rand(rng, K, n) for n in Ns]
+    packed = [cpu_kernels.pack(w) for w in ws]
+    assert all(np.array_equal(np.asarray(p.matrix()), w) for p, w in zip(packed, ws, strict=True))
+    fn = jax.jit(lambda x, *ps: cpu_kernels.matmul(x, *ps))
+    assert uses_kernel(fn, x, *packed, target="jaxspec_matmul_packed")
+    for y, w in zip(fn(x, *packed), ws, strict=True):
+        ref = x.astype(np.float64) @ w.astype(np.float64)
+        np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4 * np.sqrt(K))
+
+
+@pytest.mark.parametrize("K,N", [(576, 1536), (1536, 576), (100, 1001)])
+def test_packed_gives_the_same_bits_at_any_row_count(K: int, N: int) -> None:
+    """Blocks of up to 10 rows, balanced: 13 rows are blocks of 7 and 6, and each row's bits are its 1-row bits."""
+    rng = np.random.default_rng(K + 1)
+    x, w = rand(rng, 13, K), cpu_kernels.pack(rand(rng, K, N))
+    fn = jax.jit(lambda x, w: cpu_kernels.matmul(x, w)[0])
+    many = np.asarray(fn(x, w))
+    for rows in ([0], [5, 6], [1, 2, 3, 4, 7], list(range(11))):
+        np.testing.assert_array_equal(np.asarray(fn(x[rows], w)), many[rows])
+
+
+def test_packed_weights_fall_back_and_differentiate_through_xla() -> None:
+    rng = np.random.default_rng(3)
+    x, w = rand(rng, cpu_kernels.MAX_ROWS + 1, 64), rand(rng, 64, 40)
+    p = cpu_kernels.pack(w.reshape(4, 16, 40), n_in=2)
+    assert p.shape == (4, 16, 40) and p.data.shape[1] == 64
+    fn = jax.jit(lambda x, p: cpu_kernels.matmul(x, p)[0])
+    assert not uses_kernel(fn, x, p, target="jaxspec_matmul_packed")  # too many rows for the kernel
+    np.testing.assert_allclose(np.asarray(fn(x, p)), x @ w, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="packed and plain"):
+        cpu_kernels.matmul(x[:2], p, w)
+    dx = rand(rng, 2, 64)
+    _, tangent = jax.jvp(lambda x: cpu_kernels.matmul(x, p)[0], (x[:2],), (dx,))
+    np.testing.assert_allclose(np.asarray(tangent), dx @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_model_decodes_losslessly() -> None:
+    """A model with ``model.pack``'s weights: the packed kernel runs its decode steps and verifies, greedy n-gram
+    drafting gives AR's tokens, and AR's tokens are the unpacked model's (same products, other summation order: on
+    this small model no near-tie flips)."""
+    from tinymodel import CFG, trained
+
+    from jaxspec import model
+    from jaxspec.decode import Decoder, generate
+    from jaxspec.speculative import SpecDecoder
+
+    params = trained(CFG, steps=60)
+    packed = model.pack(params)
+    assert packed.packed is not None and model.layers_for(packed, 9) is packed.packed.layers
+    assert model.layers_for(packed, cpu_kernels.MAX_ROWS + 1) is packed.layers
+    step = jax.jit(lambda p, t, c: model.forward(p, CFG, t, c)[0])
+    cache = model.KVCache.create(CFG, 1, 32)
+    assert uses_kernel(lambda t: step(packed, t, cache), np.zeros((1, 5), np.int32), target="jaxspec_matmul_packed")
+    prompts = [[1, 2, 3, 4, 5, 1, 2, 3], [7, 8, 9, 7, 8]]
+    ar = generate(Decoder(CFG), packed, prompts, 24)
+    spec = generate(SpecDecoder(CFG, drafter="ngram", ngram_k=8), packed, prompts, 24)
+    assert spec.tokens == ar.tokens
+    assert generate(Decoder(CFG), params, prompts, 24).tokens == ar.tokens

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxspec import checkpoint, fastweights
+from jaxspec import checkpoint, cpu_kernels, fastweights, model
 from jaxspec.model import init_params, params_to_flat
 
 
@@ -51,7 +51,8 @@ def test_damaged_copy_falls_back_to_orbax(tmp_path, ckpt, tiny_params, damage):
                       "empty": b""}[damage])
     _, params, _ = checkpoint.load_checkpoint(ckpt, fast_cache=cache)
     assert same(params, tiny_params)
-    assert fastweights.read(copy, fastweights.signature(ckpt, "float32"), jax.devices()[0]) is not None  # rewritten
+    sig = fastweights.signature(ckpt, "float32", cpu_kernels.tile())
+    assert fastweights.read(copy, sig, jax.devices()[0]) is not None  # rewritten
 
 
 def test_no_copy_of_a_checkpoint_over_the_size_cap(tmp_path, ckpt, tiny_params, monkeypatch):
@@ -105,3 +106,20 @@ def test_layers_also_load_stacked_over_the_same_memory(tmp_path, ckpt, tiny_cfg,
     poisoned = params.replace(stacked=jax.tree.map(lambda a: a * 0, params.stacked))  # the scan reads the view
     h, _ = decode.write_tokens(poisoned, dec, dec.new_cache(1, 64), toks, [32], [32], fresh=True)
     assert not np.array_equal(np.asarray(h), np.asarray(out[0][0]))
+
+
+@pytest.mark.skipif(not cpu_kernels.active(), reason="no C++ compiler: the kernel is not built")
+def test_the_copy_holds_the_packed_weights_for_the_cpu_kernel(tmp_path, ckpt, tiny_params, monkeypatch):
+    """Where the kernels run, a float32 load through the copy gives ``params.packed`` (what ``model.pack`` makes), and
+    later loads read it from the copy instead of packing again."""
+    cache = tmp_path / "fast"
+    _, first, _ = checkpoint.load_checkpoint(ckpt, fast_cache=cache)
+    want = model.packed_to_flat(model.pack(tiny_params))
+    monkeypatch.setattr(cpu_kernels, "pack", lambda *a: pytest.fail("packed again"))
+    _, again, _ = checkpoint.load_checkpoint(ckpt, fast_cache=cache)
+    for params in (first, again):
+        got = model.packed_to_flat(params)
+        assert got.keys() == want.keys() and len(want) == 1 + 7 * len(tiny_params.layers)
+        assert all(np.array_equal(np.asarray(got[n]), np.asarray(want[n])) for n in want)
+    _, plain, _ = checkpoint.load_checkpoint(ckpt)  # no copy: no second set of weights
+    assert plain.packed is None
