@@ -150,8 +150,7 @@ def takes(rows: int) -> bool:
 
 
 def _usable(x: Array, ws: Sequence[Array | Packed]) -> bool:
-    return (x.shape[0] <= MAX_ROWS and x.dtype == jnp.float32 and all(w.dtype == jnp.float32 for w in ws)
-            and active())
+    return x.dtype == jnp.float32 and all(w.dtype == jnp.float32 for w in ws) and takes(x.shape[0])
 
 
 def tile() -> int:
@@ -178,8 +177,13 @@ class Packed:
 
     def matrix(self) -> Array:
         """The (K, N) matrix again (XLA's dots, for row counts the kernel does not take)."""
-        t, k, c = self.data.shape
-        return self.data.transpose(1, 0, 2).reshape(k, t * c)[:, : math.prod(self.shape[self.n_in:])]
+        return _unpack(self.data, math.prod(self.shape[self.n_in:]))
+
+
+def _unpack(data: Array, n: int) -> Array:
+    """The (K, n) matrix of packed tiles ``data`` (tiles, K, tile)."""
+    t, k, c = data.shape
+    return data.transpose(1, 0, 2).reshape(k, t * c)[:, :n]
 
 
 def pack(w: Array | np.ndarray, n_in: int = 1) -> Packed:
@@ -216,8 +220,9 @@ def _packed(x: Array, ws: tuple[Array, ...], out: tuple[jax.ShapeDtypeStruct, ..
 @_packed.defjvp
 def _packed_jvp(out: tuple, primals: tuple, tangents: tuple) -> tuple:
     (x, ws), (dx, dws) = primals, tangents
-    mat = [lambda d, o=o: d.transpose(1, 0, 2).reshape(d.shape[1], -1)[:, : o.shape[1]] for o in out]
-    return _packed(x, ws, out), tuple(dx @ f(w) + x @ f(dw) for f, w, dw in zip(mat, ws, dws, strict=True))
+    ns = [o.shape[1] for o in out]
+    return _packed(x, ws, out), tuple(dx @ _unpack(w, n) + x @ _unpack(dw, n) for w, dw, n in zip(ws, dws, ns,
+                                                                                                  strict=True))
 
 
 def matmul_t(x: Array, w: Array) -> Array:
