@@ -19,9 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_tasks import task_prompts  # noqa: E402
 
-from jaxspec.checkpoint import load  # noqa: E402
+from jaxspec.checkpoint import fast_cache_dir, load  # noqa: E402
 from jaxspec.decode import Decoder, generate  # noqa: E402
-from jaxspec.fetch import cache_dir  # noqa: E402
 from jaxspec.speculative import SpecDecoder  # noqa: E402
 
 
@@ -30,7 +29,7 @@ def main() -> None:
     ap.add_argument("--ckpt", default="smollm2-135m")
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
-    cfg, packed, tok = load(args.ckpt, fast_cache=cache_dir() / "weights")
+    cfg, packed, tok = load(args.ckpt, fast_cache=fast_cache_dir())
     if packed.packed is None:
         sys.exit("error: no packed weights here (the CPU kernels are not available)")
     settings = {"packed": packed, "(K, N)": packed.replace(packed=None)}

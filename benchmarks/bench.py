@@ -30,10 +30,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxspec.bench import peers  # noqa: E402
-from jaxspec.checkpoint import load, smollm2_gguf_path  # noqa: E402
+from jaxspec.checkpoint import fast_cache_dir, load, smollm2_gguf_path  # noqa: E402
 from jaxspec.config import Config, SkipMask  # noqa: E402
 from jaxspec.decode import MIN_WINDOW, Decoder, Result, generate, prefill  # noqa: E402
-from jaxspec.fetch import cache_dir  # noqa: E402
 from jaxspec.model import KVCache, Params, forward, project  # noqa: E402
 from jaxspec.profile import named_masks  # noqa: E402
 from jaxspec.roofline import VARIANTS, bandwidth_probe, bytes_per_token, median_s  # noqa: E402
@@ -237,7 +236,7 @@ def main() -> None:
         probe_table()
         return
 
-    cfg, params, tok = load(args.ckpt, fast_cache=cache_dir() / "weights")  # the weights as generate.py loads them
+    cfg, params, tok = load(args.ckpt, fast_cache=fast_cache_dir())  # the weights as generate.py loads them
     if args.rows_probe:
         rows_table(params)
         return

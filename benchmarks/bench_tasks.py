@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxspec import data  # noqa: E402
-from jaxspec.checkpoint import load  # noqa: E402
+from jaxspec.checkpoint import fast_cache_dir, load  # noqa: E402
 from jaxspec.config import SkipMask  # noqa: E402
 from jaxspec.decode import Decoder, capacity, generate, window_len  # noqa: E402
 from jaxspec.model import KVCache, forward  # noqa: E402
@@ -167,7 +167,7 @@ def main() -> None:
     ap.add_argument("--widths", default="1,2,3,5,9", help="verify widths T of --verify-cost")
     args = ap.parse_args()
 
-    cfg, params, tok = load(args.ckpt)
+    cfg, params, tok = load(args.ckpt, fast_cache=fast_cache_dir())  # as generate.py loads them
     print(f"## {args.ckpt}: {jax.devices()[0].device_kind}, {os.cpu_count()} cores, {cfg.dtype}, load average "
           f"{os.getloadavg()[0]:.2f}\n")
     if args.lookup_cost:

@@ -601,6 +601,12 @@ def resolve(ckpt: str) -> Path:
                           "nor a directory")
 
 
+def fast_cache_dir() -> Path:
+    """Where ``generate.py`` keeps the memory-mapped weight copies (``fastweights``; on CPU with the kernels' packed
+    weights too): a benchmark or search that loads through it times what a user runs."""
+    return cache_dir() / "weights"
+
+
 def load(ckpt: str, dtype: str | None = None, shardings: Shardings = None,
          fast_cache: str | Path | None = None) -> tuple[Config, Params, Tokenizer | None]:
     """``load_checkpoint(resolve(ckpt))``; a registered name must also match its preset's architecture."""

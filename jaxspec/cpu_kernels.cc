@@ -550,5 +550,37 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxspecAttend, Attend,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+// ---------------------------------------------------------------------------------------------------------------
+// A plain read of n floats on every core (each part sums a contiguous share): roofline.py's measure of what the
+// cores can stream through the same pool, with no product around it.
+struct Stream {
+  const float* a;
+  int64_t n;
+  float sums[kMaxThreads];
+};
+
+static void stream_part(void* ctx, int part, int parts) {
+  Stream& s = *static_cast<Stream*>(ctx);
+  const int64_t i1 = s.n * (part + 1) / parts;
+  int64_t i = s.n * part / parts;
+  v16 acc[4] = {};
+  for (; i + 4 * kLanes <= i1; i += 4 * kLanes)
+    for (int j = 0; j < 4; ++j) acc[j] += load(s.a + i + j * kLanes);
+  float t = 0;
+  for (; i < i1; ++i) t += s.a[i];
+  for (int j = 0; j < 4; ++j)
+    for (int l = 0; l < kLanes; ++l) t += acc[j][l];
+  s.sums[part] = t;
+}
+
+extern "C" float jaxspec_stream_sum(const float* a, int64_t n) {
+  Stream s{a, n, {}};
+  const int parts = pool().threads();
+  pool().Run(stream_part, &s, parts);
+  float t = 0;
+  for (int i = 0; i < parts; ++i) t += s.sums[i];
+  return t;
+}
+
 extern "C" int jaxspec_matmul_threads() { return pool().threads(); }
 extern "C" int jaxspec_packed_tile() { return kTile; }

@@ -43,6 +43,7 @@ import numpy as np
 Array = jax.Array
 SOURCE = Path(__file__).with_suffix(".cc")
 MAX_ROWS = 32  # rows (query tokens) above which XLA is as fast (BENCHMARKS.md, "Decode on both cores")
+MAX_PACKED_ROWS = 48  # the same for packed products: 33-48-token prompt chunks too (BENCHMARKS.md, "Short prompts")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=gnu++20", "-shared", "-fPIC", "-pthread")
 _on = os.environ.get("JAXSPEC_CPU_KERNELS", "1") != "0"
 _lock = threading.Lock()  # ``aot``'s loader threads and the tracing thread may ask for the library at once
@@ -144,13 +145,15 @@ def state() -> str:
     return "kernel" if active() else "xla"
 
 
-def takes(rows: int) -> bool:
-    """Whether a product of ``rows`` rows traced now goes to the kernels (float32 weights assumed)."""
-    return rows <= MAX_ROWS and active()
+def takes(rows: int, packed: bool = False) -> bool:
+    """Whether a product of ``rows`` rows (with ``packed`` weights) traced now goes to the kernels (float32 weights
+    assumed)."""
+    return rows <= (MAX_PACKED_ROWS if packed else MAX_ROWS) and active()
 
 
 def _usable(x: Array, ws: Sequence[Array | Packed]) -> bool:
-    return x.dtype == jnp.float32 and all(w.dtype == jnp.float32 for w in ws) and takes(x.shape[0])
+    packed = all(isinstance(w, Packed) for w in ws)
+    return x.dtype == jnp.float32 and all(w.dtype == jnp.float32 for w in ws) and takes(x.shape[0], packed)
 
 
 def tile() -> int:
@@ -275,6 +278,17 @@ def _attend_jvp(reference: Callable[..., Array], primals: tuple, tangents: tuple
     (q, k, v, positions), (dq, dk, dv, _) = primals, tangents
     _, tangent = jax.jvp(lambda q, k, v: reference(q, k, v, positions), (q, k, v), (dq, dk, dv))
     return _attend(q, k, v, positions, reference), tangent
+
+
+def stream_sum(a: np.ndarray) -> float:
+    """The sum of float32 ``a``, read once on all the kernels' threads (``roofline``'s probe of what the cores
+    stream); NaN where the kernels are not available."""
+    lib = _library()
+    if lib is None:
+        return math.nan
+    a = np.ascontiguousarray(a, np.float32)
+    lib.jaxspec_stream_sum.restype = ctypes.c_float
+    return float(lib.jaxspec_stream_sum(a.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(a.size)))
 
 
 def threads() -> int:

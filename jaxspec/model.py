@@ -121,7 +121,7 @@ def packed_to_flat(params: Params) -> dict[str, Array]:
 def layers_for(params: Params, rows: int) -> tuple[Layer, ...]:
     """The layers' weights a chunk of ``rows`` rows (batch x tokens) reads: the packed ones where the kernel takes
     that many rows."""
-    return params.packed.layers if params.packed is not None and cpu_kernels.takes(rows) else params.layers
+    return params.packed.layers if params.packed is not None and cpu_kernels.takes(rows, packed=True) else params.layers
 
 
 def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
@@ -334,7 +334,7 @@ def block(layer: Layer, cfg: Config, x: Array, k_cache: Array, v_cache: Array, s
 def logits_of(params: Params, x: Array) -> Array:
     """Project hidden states (..., dim) to float32 vocabulary logits."""
     lead = x.shape[:-1]
-    if params.packed is not None and cpu_kernels.takes(math.prod(lead)):
+    if params.packed is not None and cpu_kernels.takes(math.prod(lead), packed=True):
         return project(x, params.packed.head)[0]
     if params.lm_head is None:
         return cpu_kernels.matmul_t(x.reshape(-1, x.shape[-1]), params.embed).reshape(*lead, -1)

@@ -2,8 +2,10 @@
 
 A decode step is a chain of matrix-vector products, so its speed limit is bytes read / bandwidth. The bandwidth is
 measured as many *independent* float32 matrix-vector products in one jitted function, ~512 MiB in all (what all
-cores can stream together from memory, the best case a decoder's weights can hope for); ``VARIANTS`` holds the
-shapes tried (BENCHMARKS.md "Bandwidth limit"), ``FAST`` the ones the roofline takes the best of.
+cores can stream together from memory, the best case a decoder's weights can hope for), and, where the CPU kernels
+run, as a plain read of 512 MiB on all their threads (no product at all: XLA's dots may stream less than the cores
+can); ``VARIANTS`` holds the shapes tried (BENCHMARKS.md "Bandwidth limit"), ``FAST`` the ones the roofline takes the
+best of.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxspec import cpu_kernels
 from jaxspec.config import Config
 
 
@@ -44,14 +48,19 @@ VARIANTS: dict[str, tuple[str, int, int]] = {
     "one 512 MiB W@x": ("dots", 1, 512),
     "one 512 MiB W@x, 16 row blocks": ("blocked", 16, 32),
     "sum of 512 MiB": ("sum", 1, 512),
+    "sum of 512 MiB on every core (cpu_kernels)": ("pool", 1, 512),  # where the kernels run; skipped elsewhere
 }
-FAST = ("32 x 16 MiB W@x", "64 x 8 MiB W@x", "32 x 16 MiB x@W, 576 rows (the model's layout)")
+FAST = ("32 x 16 MiB W@x", "64 x 8 MiB W@x", "32 x 16 MiB x@W, 576 rows (the model's layout)",
+        "sum of 512 MiB on every core (cpu_kernels)")
 
 
 def _variant(how: str, n: int, mib: int) -> tuple[Callable[[], object], int]:
     """A jitted call reading ``n`` distinct ``mib``-MiB float32 arrays once, and its byte count."""
     cols = 576 if how == "xw" else 1024
     rows = mib * _MiB // (4 * cols)
+    if how == "pool":
+        a = np.random.default_rng(0).standard_normal(rows * cols, np.float32)
+        return (lambda: cpu_kernels.stream_sum(a)), a.nbytes
     keys = jax.random.split(jax.random.key(0), n)
     if how == "blocked":  # one matrix, its rows in n blocks: one batched product
         w = jax.random.normal(keys[0], (n, rows, cols), jnp.float32)
@@ -71,9 +80,12 @@ def _variant(how: str, n: int, mib: int) -> tuple[Callable[[], object], int]:
 def bandwidth_probe(names: tuple[str, ...] = FAST, repeats: int = 15) -> dict[str, object]:
     """GB/s each probe variant in ``names`` streams (``VARIANTS``; bytes / the *fastest* of ``repeats`` calls: load
     only ever slows a call down, and a roofline is the best case), and the best of them (``concurrent``, ``best``).
-    Independent matrix-vector products in one jitted function let XLA run them on all cores at once."""
+    Independent matrix-vector products in one jitted function let XLA run them on all cores at once; the plain read
+    on the kernels' threads is left out where they do not run."""
     gbs = {}
     for name in names:
+        if VARIANTS[name][0] == "pool" and not cpu_kernels.active():
+            continue
         fn, nbytes = _variant(*VARIANTS[name])
         gbs[name] = round(nbytes / min(times_s(fn, repeats)) / 1e9, 2)
         del fn

@@ -177,9 +177,30 @@ def test_packed_gives_the_same_bits_at_any_row_count(K: int, N: int) -> None:
         np.testing.assert_array_equal(np.asarray(fn(x[rows], w)), many[rows])
 
 
+def test_packed_takes_a_short_prompts_chunk() -> None:
+    """Up to ``MAX_PACKED_ROWS`` rows (a 33-48-token prompt chunk) the packed kernel runs, right to float64 products;
+    the (K, N) kernel stops at ``MAX_ROWS``."""
+    rng = np.random.default_rng(48)
+    R = cpu_kernels.MAX_PACKED_ROWS
+    assert R > cpu_kernels.MAX_ROWS
+    x, w = rand(rng, R, 576), rand(rng, 576, 200)
+    fn = jax.jit(lambda x, w: cpu_kernels.matmul(x, w)[0])
+    assert uses_kernel(fn, x, cpu_kernels.pack(w), target="jaxspec_matmul_packed")
+    assert not uses_kernel(fn, x, w)
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(fn(x, cpu_kernels.pack(w))), ref, rtol=1e-4, atol=1e-4 * np.sqrt(576))
+
+
+@pytest.mark.parametrize("n", [1, 31, 1_000_003])
+def test_stream_sum_reads_every_element(n: int) -> None:
+    """``roofline``'s plain read on the kernels' threads: each thread's share, tails included, summed once."""
+    a = np.arange(n, dtype=np.float32) % 7
+    assert cpu_kernels.stream_sum(a) == pytest.approx(float(a.astype(np.float64).sum()), rel=1e-5)
+
+
 def test_packed_weights_fall_back_and_differentiate_through_xla() -> None:
     rng = np.random.default_rng(3)
-    x, w = rand(rng, cpu_kernels.MAX_ROWS + 1, 64), rand(rng, 64, 40)
+    x, w = rand(rng, cpu_kernels.MAX_PACKED_ROWS + 1, 64), rand(rng, 64, 40)
     p = cpu_kernels.pack(w.reshape(4, 16, 40), n_in=2)
     assert p.shape == (4, 16, 40) and p.data.shape[1] == 64
     fn = jax.jit(lambda x, p: cpu_kernels.matmul(x, p)[0])
@@ -205,7 +226,8 @@ def test_packed_model_decodes_losslessly() -> None:
     params = trained(CFG, steps=60)
     packed = model.pack(params)
     assert packed.packed is not None and model.layers_for(packed, 9) is packed.packed.layers
-    assert model.layers_for(packed, cpu_kernels.MAX_ROWS + 1) is packed.layers
+    assert model.layers_for(packed, cpu_kernels.MAX_PACKED_ROWS) is packed.packed.layers  # short prompts' chunks too
+    assert model.layers_for(packed, cpu_kernels.MAX_PACKED_ROWS + 1) is packed.layers
     step = jax.jit(lambda p, t, c: model.forward(p, CFG, t, c)[0])
     cache = model.KVCache.create(CFG, 1, 32)
     assert uses_kernel(lambda t: step(packed, t, cache), np.zeros((1, 5), np.int32), target="jaxspec_matmul_packed")

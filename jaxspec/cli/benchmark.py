@@ -34,7 +34,7 @@ import jax  # noqa: E402
 from jaxspec import cli  # noqa: E402
 from jaxspec.bench import modes as modes_mod  # noqa: E402
 from jaxspec.bench import report  # noqa: E402
-from jaxspec.checkpoint import CheckpointError, cache_dir, load, resolve, smollm2_gguf_path  # noqa: E402
+from jaxspec.checkpoint import CheckpointError, cache_dir, fast_cache_dir, load, resolve, smollm2_gguf_path  # noqa: E402
 from jaxspec.data import TASKS  # noqa: E402
 from jaxspec.profile import find_profile  # noqa: E402
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    cfg, params, tok = load(args.ckpt)
+    cfg, params, tok = load(args.ckpt, fast_cache=fast_cache_dir())  # as generate.py loads them
     if tok is None:
         raise CheckpointError(f"checkpoint {args.ckpt} has no tokenizer")
     prof = find_profile(resolve(args.ckpt), cfg)  # its own, else the project's shipped one for this model

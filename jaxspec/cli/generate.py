@@ -26,7 +26,7 @@ import jax  # noqa: E402
 
 from jaxspec import aot, cli, distributed, validate  # noqa: E402
 from jaxspec.batch import run_batch_job  # noqa: E402
-from jaxspec.checkpoint import CheckpointError, cache_dir, load, resolve  # noqa: E402
+from jaxspec.checkpoint import CheckpointError, cache_dir, fast_cache_dir, load, resolve  # noqa: E402
 from jaxspec.config import SkipMask  # noqa: E402
 from jaxspec.decode import Decoder, Result, generate, result_stats  # noqa: E402
 from jaxspec.draft_model import PRECISIONS, DraftSpec, with_draft  # noqa: E402
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     mesh = make_mesh(args.mesh) if args.mesh else None
     t_load = time.perf_counter()
     cfg, params, tok = load(args.ckpt, dtype=args.dtype, shardings=param_sharding_fn(mesh) if mesh else None,
-                            fast_cache=None if mesh else cache_dir() / "weights")  # memory-mapped after the 1st run
+                            fast_cache=None if mesh else fast_cache_dir())  # memory-mapped after the 1st run
     jax.block_until_ready(params)
     load_s = round(time.perf_counter() - t_load, 4)
     if tok is None:

@@ -27,7 +27,7 @@ from jaxspec.cli import exit_on_interrupt  # noqa: E402
 exit_on_interrupt()  # Ctrl-C during the slow imports below: exit 130, no traceback
 
 from jaxspec import cli, validate  # noqa: E402
-from jaxspec.checkpoint import CheckpointError, load, resolve  # noqa: E402
+from jaxspec.checkpoint import CheckpointError, fast_cache_dir, load, resolve  # noqa: E402
 from jaxspec.data import calibration  # noqa: E402
 from jaxspec.draft_model import PRECISIONS  # noqa: E402
 from jaxspec.profile import PROFILE_NAME, save_profile  # noqa: E402
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--heads takes token counts >= 0 (0: the whole vocabulary), got {args.heads!r}")
     rows = calibration(args.calib)
     ckpt_dir = resolve(args.ckpt)
-    cfg, params, tok = load(args.ckpt)
+    cfg, params, tok = load(args.ckpt, fast_cache=fast_cache_dir())  # as generate.py loads them
     if tok is None:
         raise CheckpointError(f"checkpoint {ckpt_dir} has no tokenizer: cannot encode calibration prompts")
     chat = tok.chat_template is not None and not args.raw
