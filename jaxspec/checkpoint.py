@@ -41,6 +41,7 @@ from jaxspec import cpu_kernels, fastweights
 from jaxspec.config import PRESETS, Config
 from jaxspec.convert import ConversionError, convert_tensors, gguf_config, iter_gguf, iter_hf
 from jaxspec.fetch import FetchError, cache_dir, fetch_wheel
+from jaxspec.files import tree_files
 from jaxspec.model import (
     PACKED_PREFIX,
     Layer,
@@ -378,7 +379,7 @@ FAST_WEIGHTS_MAX_BYTES = 8 << 30  # largest checkpoint (parameter files on disk)
 
 def checkpoint_size(path: str | Path) -> int:
     """Bytes on disk under ``path``."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return sum(size for _, size, _ in tree_files(path))
 
 
 # ---- converting -------------------------------------------------------------------------------------------
@@ -517,15 +518,15 @@ def load_checkpoint(path: str | Path, dtype: str | None = None, shardings: Shard
     dtype = dtype or ("float32" if jax.default_backend() == "cpu" else cfg.dtype)
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    flat, stacked = None, {}
-    if fast_cache is not None and (shardings is not None or jax.default_backend() != "cpu"
-                                   or checkpoint_size(path / "params") > FAST_WEIGHTS_MAX_BYTES):
+    flat, stacked, sig, packs = None, {}, {}, False
+    if fast_cache is not None and shardings is None and jax.default_backend() == "cpu":
+        # Where the CPU kernels run, the copy also holds the weights packed for them (model.pack): twice the size
+        packs = dtype == "float32" and cpu_kernels.active()
+        sig = fastweights.signature(path, dtype, cpu_kernels.tile() if packs else 0)
+    if not sig or sum(size for _, size, _ in sig["files"]) > FAST_WEIGHTS_MAX_BYTES:
         fast_cache = None  # the copy pays only where device_put aliases host memory, and only for a bounded size
-    # Where the CPU kernels run, the copy also holds the weights packed for them (model.pack): twice the size
-    packs = fast_cache is not None and dtype == "float32" and cpu_kernels.active()
     if fast_cache is not None:
         fast = fastweights.path_for(Path(fast_cache), path, dtype)
-        sig = fastweights.signature(path, dtype, cpu_kernels.tile() if packs else 0)
         got = fastweights.read(fast, sig, jax.devices()[0])
         if got is not None and {n: tuple(a.shape) for n, a in got[0].items()
                                 if not n.startswith(PACKED_PREFIX)} == stored:

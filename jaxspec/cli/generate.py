@@ -18,9 +18,10 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from jaxspec.cli import exit_on_interrupt  # noqa: E402
+from jaxspec.cli import exit_on_interrupt, import_jax  # noqa: E402
 
 exit_on_interrupt()  # Ctrl-C during the slow imports below: exit 130, no traceback
+import_jax()  # without etils.epath: 50-70 ms less of every command
 
 import jax  # noqa: E402
 
