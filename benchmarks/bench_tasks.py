@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxspec import data  # noqa: E402
+from jaxspec import data, phrases  # noqa: E402
 from jaxspec.checkpoint import fast_cache_dir, load  # noqa: E402
 from jaxspec.config import SkipMask  # noqa: E402
 from jaxspec.decode import Decoder, capacity, generate, window_len  # noqa: E402
@@ -93,10 +93,10 @@ class ForcedDrafts(SpecDecoder):
     force: int = 0
 
     def draft(self, params, state, key):  # noqa: ANN001, ANN201
-        drafts, n_draft, n_ng, q, cache, steps = super().draft(params, state, key)
+        drafts, n_draft, n_ng, n_ph, q, cache, steps = super().draft(params, state, key)
         room = jnp.where(state.done, 0, state.budget - state.n_out)
         n = jnp.clip(jnp.minimum(self.force, room - 1), 0, None).astype(jnp.int32)
-        return drafts, n, jnp.minimum(n_ng, n), q, cache, steps
+        return drafts, n, jnp.minimum(n_ng, n), jnp.minimum(n_ph, n), q, cache, steps
 
 
 def verify_cost(params, cfg, prompt: list[int], n: int, rounds: int, widths: tuple[int, ...] = (1, 2, 3, 5, 9),
@@ -159,6 +159,8 @@ def main() -> None:
     ap.add_argument("--ngram-k", type=int, default=8)
     ap.add_argument("--ngram-set", action="append", default=[], metavar="MIN,MAX,K",
                     help="also the n-gram drafter with these settings; repeatable")
+    ap.add_argument("--phrases", action="append", default=[], help="also every n-gram decoder with this phrase table "
+                    "(jaxspec/phrases.py); repeatable")
     ap.add_argument("--adaptive-k", action="store_true", help="also each drafter with adaptive n-gram proposal "
                     "length (SpecDecoder.adaptive_k)")
     ap.add_argument("--lookup-cost", action="store_true", help="only time the n-gram lookup against a decode step")
@@ -190,10 +192,16 @@ def main() -> None:
         lo, hi, k = (int(x) for x in spec.split(","))
         decs[f"ngram {lo}..{hi} k={k}"] = SpecDecoder(cfg, eos_ids=eos, drafter="ngram", ngram_min=lo, ngram_max=hi,
                                                       ngram_k=k)
+    pars = dict.fromkeys(decs, params)
+    for path in args.phrases:
+        table, tag = params.replace(phrases=phrases.load(path, cfg.vocab_size)), Path(path).name.split(".")[0]
+        for n in [n for n, d in decs.items() if getattr(d, "drafter", None) == "ngram" and pars[n] is params]:
+            decs[f"{n} + {tag if len(args.phrases) > 1 else 'phrases'}"] = decs[n]
+            pars[f"{n} + {tag if len(args.phrases) > 1 else 'phrases'}"] = table
     tasks = {t: p for t, p in task_prompts(tok, args.per_task).items() if not args.task or t in args.task}
     names = list(decs)
-    for d in decs.values():  # warm-up: compilation and first-execution costs
-        generate(d, params, [next(iter(tasks.values()))[0]], args.max_new_tokens)
+    for n, d in decs.items():  # warm-up: compilation and first-execution costs
+        generate(d, pars[n], [next(iter(tasks.values()))[0]], args.max_new_tokens)
     # secs[task][decoder][round], toks likewise; outputs[task][decoder][prompt]
     secs = {t: {n: np.zeros(args.rounds) for n in names} for t in tasks}
     toks = {t: {n: np.zeros(args.rounds) for n in names} for t in tasks}
@@ -204,7 +212,7 @@ def main() -> None:
             for i, p in enumerate(prompts):
                 for j in np.roll(np.arange(len(names)), -(i + r)):
                     n = names[j]
-                    res = generate(decs[n], params, [p], args.max_new_tokens)
+                    res = generate(decs[n], pars[n], [p], args.max_new_tokens)
                     secs[t][n][r] += res.decode_s
                     toks[t][n][r] += res.new_tokens
                     outs[t][n][i] = res.tokens[0]
@@ -214,8 +222,8 @@ def main() -> None:
                                 summ[t][n][k] = summ[t][n].get(k, 0) + v
     print(f"{args.max_new_tokens} new tokens, greedy, {args.per_task} prompts per task, {args.rounds} interleaved "
           f"rounds; ratio = drafter tokens/s / AR tokens/s (median over rounds, lowest round)\n")
-    print("| task | drafter | AR tok/s | tok/s | speedup | lowest round | adopt (+3%) | drafted (ngram/model) | "
-          "accepted (ngram/model) | accepted per verify | identical |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| task | drafter | AR tok/s | tok/s | speedup | lowest round | adopt (+3%) | drafted (ngram/phrase/model) | "
+          "accepted (ngram/phrase/model) | accepted per verify | identical |\n" + "|---" * 11 + "|")
     for t in tasks:
         ar_tps = toks[t]["ar"] / secs[t]["ar"]
         for n in names[1:]:
@@ -224,8 +232,9 @@ def main() -> None:
             s = summ[t][n]
             per_verify = s["accepted"] / s["verify_calls"] if s["verify_calls"] else 0.0
             print(f"| {t} | {n} | {np.median(ar_tps):.1f} | {np.median(tps):.1f} | **{np.median(ratio):.2f}x** | "
-                  f"{ratio.min():.2f}x | {adopt(ar_tps, tps)} | {s['drafted_ngram']}/{s['drafted_model']} | "
-                  f"{s['accepted_ngram']}/{s['accepted_model']} | {per_verify:.2f} | "
+                  f"{ratio.min():.2f}x | {adopt(ar_tps, tps)} | "
+                  f"{s['drafted_ngram']}/{s['drafted_phrase']}/{s['drafted_model']} | "
+                  f"{s['accepted_ngram']}/{s['accepted_phrase']}/{s['accepted_model']} | {per_verify:.2f} | "
                   f"{outs[t][n] == outs[t]['ar']} |")
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 

@@ -7,7 +7,8 @@ teacher-forced top-k next tokens at every position, then replays greedy verifica
 proposes from the context so far (prompt + accepted output), the full model accepts the longest agreeing prefix and
 adds one token. Greedy acceptance depends only on the proposal and the AR output, so the replay is exact for chains.
 
-Drafters replayed: the on-device n-gram lookup (most recent occurrence; n_min..n_max, k), best-of-m (the m most
+Drafters replayed: the on-device n-gram lookup (most recent occurrence; n_min..n_max, k), with ``--phrases FILE``
+also followed by a phrase table's entry where the context has no match (``jaxspec/phrases.py``), best-of-m (the m most
 recent occurrences of the longest matching suffix, verified as a tree of m chains), a recycled-successor table
 (Token Recycling, arXiv 2408.08696: each token's top-w next tokens from the model's latest logits after it, a chain of
 top-1 or a tree), and the copy oracle (the longest continuation copied from anywhere in the context, capped at k).
@@ -21,6 +22,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -100,6 +102,24 @@ def ngram(n_min: int, n_max: int, k: int, m: int = 1):  # noqa: ANN201
     return propose
 
 
+def with_phrases(n_min: int, n_max: int, k: int, tables: list) -> object:
+    """The n-gram lookup, else the first phrase table (longest n) holding the context's last n tokens: the host
+    twin of ``phrases.lookup``."""
+    from jaxspec.phrases import slot
+
+    context = ngram(n_min, n_max, k)
+
+    def propose(ctx: np.ndarray, pos: int) -> list[Seq]:
+        got = context(ctx, pos)
+        for t in [] if got else tables:
+            n, size = t.keys.shape[1], t.keys.shape[0]
+            s = int(slot(ctx[-n:], size)) if len(ctx) >= n else -1
+            if s >= 0 and t.counts[s] and t.keys[s].tolist() == ctx[-n:].tolist():
+                return [t.conts[s, : min(int(t.counts[s]), k)].tolist()]
+        return got
+    return propose
+
+
 def oracle(k: int, target: dict):  # noqa: ANN001, ANN201
     """The best chain of up to k tokens copied from anywhere in the context (needs the future: an upper bound)."""
     full = np.concatenate([np.asarray(target["prompt"]), np.asarray(target["out"])])
@@ -158,12 +178,19 @@ def main() -> None:
     ap.add_argument("--per-task", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--outputs", type=Path, help="JSON cache of the AR outputs (read if present, else written)")
+    ap.add_argument("--phrases", type=Path, help="also n-gram settings with this phrase table (tools/make_phrases.py)")
     ap.add_argument("--costs", default="1:1.0,2:1.02,4:1.1,8:1.22,13:1.40",
                     help="cycle cost per compiled verify width T, in AR steps: T:cost,... (default: the isolated "
                     "forward(T) costs; give the in-cycle ones from bench_tasks.py --verify-cost)")
     args = ap.parse_args()
     costs = {int(a): float(b) for a, b in (x.split(":") for x in args.costs.split(","))}
     data = outputs(args.outputs, args.per_task, args.max_new_tokens, 8)
+    tables = []
+    if args.phrases is not None:
+        with np.load(args.phrases) as z:
+            tables = [SimpleNamespace(**{f: z[f"{f}{i}"] for f in ("keys", "conts", "counts")})
+                      for i in range(len(z.files) // 3)]
+        tables.sort(key=lambda t: -t.keys.shape[1])
     rows: dict[str, dict[str, tuple[float, float]]] = {}
 
     def settings(item: dict) -> dict:
@@ -173,6 +200,9 @@ def main() -> None:
         s.update({f"ngram 2..4 k={k} best-of-{m}": ngram(2, 4, k, m) for k in (4, 8) for m in (2, 4)})
         s.update({f"recycled chain k={k}": recycled(k, 1, item, False) for k in (2, 4, 8)})
         s.update({f"recycled tree 4x{k}": recycled(k, 4, item, True) for k in (2, 4)})
+        if tables:
+            s.update({f"ngram {lo}..4 k={k} + phrases": with_phrases(lo, 4, k, tables)
+                      for lo in (1, 2) for k in (4, 8)})
         s.update({f"copy oracle k={k}": oracle(k, item) for k in (4, 8, 16)})
         return s
 

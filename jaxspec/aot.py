@@ -26,7 +26,7 @@ import jax
 from jaxspec.files import atomic_write
 
 MAGIC = b"jaxspec-aot-3\n"  # -1 entries may have come from XLA's cache (see ``_compile``); -2 lack devices
-RECENT = "recent.json"  # the keys the latest process used, in order: what ``enable(..., prefetch=True)`` loads
+RECENT = "recent.json"  # the keys the latest process used, in order, and its environment: what prefetch loads
 MAX_BYTES = 512 << 20  # entries beyond this total are deleted, least recently used first
 _dir: Path | None = None
 _memo: dict[str, Any] = {}  # key -> jax.stages.Compiled, this process
@@ -37,7 +37,9 @@ _pending: dict[str, Future] = {}  # key -> executable being loaded in the backgr
 def enable(directory: str | Path | None, prefetch: bool = False) -> None:
     """Persist executables under ``directory`` (None: off, plain jit). ``prefetch``: start loading the executables
     the latest process used in background threads (XLA deserializes them outside the GIL), so that they are ready
-    by the time the weights are."""
+    by the time the weights are. Only a process of the same environment's (``_environment``: jaxspec's sources
+    included) are prefetched: an executable pickled by other code can name pytree classes whose fields have changed
+    since, and unpickling one of those crashed the process (after an upgrade, or an edit of ``model.Params``)."""
     global _dir
     _dir = Path(directory) if directory is not None else None
     _memo.clear()
@@ -45,8 +47,11 @@ def enable(directory: str | Path | None, prefetch: bool = False) -> None:
     _pending.clear()
     if prefetch and _dir is not None:
         try:
-            keys = [k for k in json.loads((_dir / RECENT).read_text()) if isinstance(k, str) and k.isalnum()]
-        except (OSError, ValueError, TypeError):
+            recent = json.loads((_dir / RECENT).read_text())
+            if not isinstance(recent, dict) or recent.get("environment") != _environment_hash():
+                return
+            keys = [k for k in recent["keys"] if isinstance(k, str) and k.isalnum()]
+        except (OSError, ValueError, TypeError, KeyError):
             return
         pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="aot-prefetch")
         _pending.update({k: pool.submit(_load, k) for k in keys[:16]})
@@ -67,6 +72,11 @@ def _environment() -> str:
                        [(d.id, d.device_kind) for d in devs], os.environ.get("XLA_FLAGS", ""),
                        bool(jax.config.jax_enable_x64), str(jax.config.jax_default_matmul_precision),
                        src.hexdigest()])
+
+
+@cache
+def _environment_hash() -> str:
+    return hashlib.sha256(_environment().encode()).hexdigest()
 
 
 def key(fn: Callable, args: Sequence[Any], static: tuple[int, ...]) -> str | None:
@@ -155,7 +165,7 @@ def _note(k: str) -> None:
     """Record that this process uses ``k`` (for the next process's prefetch)."""
     _used.append(k)
     with contextlib.suppress(OSError):
-        atomic_write(_path(RECENT), json.dumps(_used).encode())
+        atomic_write(_path(RECENT), json.dumps({"environment": _environment_hash(), "keys": _used}).encode())
 
 
 def _compile(fn: Callable, args: Sequence[Any]) -> Any:

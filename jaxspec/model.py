@@ -69,6 +69,7 @@ class Params:
     draft: Any = None  # a cheap copy for speculative drafts only (``draft_model.DraftParams``), or None
     stacked: Layer | None = None  # the layers' weights as (n_layers, ...) arrays over the same memory, or None
     packed: PackedWeights | None = None  # ``pack``: the layers (then the head) for the CPU kernel's few-row products
+    phrases: Any = None  # ``phrases.PhraseTable`` tuple: n-gram drafts where a row's context has none, or None
 
 
 @pytree

@@ -90,6 +90,7 @@ class Profile:
     drafter: str = "skip"  # speculative.DRAFTERS: skip, ngram or hybrid
     ngram: tuple[int, int, int] = (2, 4, 8)  # n-gram min, max and proposal length k
     speedup: float | None = None  # measured speedup over AR that adopted it
+    phrases: str | None = None  # a phrase table (``phrases``) the n-gram drafter also looks up, when it paid
     # The best self-draft measured (drafter skip): mask, threshold, max_draft, draft (DraftSpec.to_json), speedup...
     self_draft: dict[str, Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)  # measurements, device, search trace, ...
@@ -98,17 +99,20 @@ class Profile:
         return {"model_id": self.model_id, "mask": self.mask.to_json(), "threshold": self.threshold,
                 "max_draft": self.max_draft, "use_ssd": self.use_ssd, "drafter": self.drafter,
                 "ngram": list(self.ngram), "speedup": self.speedup,
+                **({"phrases": self.phrases} if self.phrases is not None else {}),
                 **({"self_draft": self.self_draft} if self.self_draft is not None else {}), **self.info}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Profile:
         validate.profile(d)  # the rules of --threshold and --max-draft hold for a file's values too
-        known = {"model_id", "mask", "threshold", "max_draft", "use_ssd", "drafter", "ngram", "speedup", "self_draft"}
+        known = {"model_id", "mask", "threshold", "max_draft", "use_ssd", "drafter", "ngram", "speedup", "self_draft",
+                 "phrases"}
         return cls(mask=SkipMask.from_json(d["mask"]), threshold=float(d.get("threshold", 0.6)),
                    max_draft=int(d.get("max_draft", 12)), model_id=d.get("model_id"),
                    use_ssd=bool(d.get("use_ssd", True)), drafter=str(d.get("drafter", "skip")),
                    ngram=tuple(int(x) for x in d.get("ngram", (2, 4, 8))), speedup=d.get("speedup"),
-                   self_draft=d.get("self_draft"), info={k: v for k, v in d.items() if k not in known})
+                   phrases=d.get("phrases"), self_draft=d.get("self_draft"),
+                   info={k: v for k, v in d.items() if k not in known})
 
     def for_drafter(self, drafter: str) -> Profile:
         """The settings ``--drafter drafter`` decodes with: the best self-draft's mask, draft, ``max_draft`` and θ₀
@@ -150,6 +154,8 @@ def load_profile(path: str | Path, cfg: Config) -> Profile:
         raise ValueError(f"skip profile {path} was made for another model (model_id {prof.model_id}, "
                          f"this checkpoint is {model_id(cfg)})")
     prof.mask.validate(cfg.n_layers)
+    if prof.phrases is not None:  # named relative to the profile's directory
+        prof.phrases = str(Path(path).parent / prof.phrases)
     return prof
 
 

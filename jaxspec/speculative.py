@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec import phrases
 from jaxspec.config import SkipMask
 from jaxspec.decode import Decoder, State
 from jaxspec.draft_model import DraftSpec, draft_forward
@@ -88,8 +89,10 @@ DRAFTERS = ("skip", "ngram", "hybrid")
 class SpecStats:
     """Per-row speculative counters, (B,) unless noted; drafts are counted by source (n-gram copy or model)."""
 
-    drafted_ngram: Array  # tokens proposed by n-gram lookup
+    drafted_ngram: Array  # tokens proposed by n-gram lookup in the row's context
     accepted_ngram: Array  # ... of which the full model accepted
+    drafted_phrase: Array  # tokens proposed by the phrase table (``params.phrases``) where the context had none
+    accepted_phrase: Array
     drafted_model: Array  # tokens drafted by the skip-mask model
     accepted_model: Array
     verify_calls: Array  # full-model verify passes (= cycles)
@@ -108,17 +111,17 @@ class SpecStats:
             # each (the decode loop donates the state).
             return jax.device_put(np.full((batch, *shape), fill, dtype))
 
-        return cls(z(), z(), z(), z(), z(), z(), z(np.float32, fill=theta), z(np.float32),
+        return cls(z(), z(), z(), z(), z(), z(), z(), z(), z(np.float32, fill=theta), z(np.float32),
                    z(np.float32, fill=ngram_k / 2), z(np.float32, max_new), z(np.int32, max_new),
                    z(np.int32, max_new))
 
     @property
     def drafted(self) -> Array:
-        return self.drafted_ngram + self.drafted_model
+        return self.drafted_ngram + self.drafted_phrase + self.drafted_model
 
     @property
     def accepted(self) -> Array:
-        return self.accepted_ngram + self.accepted_model
+        return self.accepted_ngram + self.accepted_phrase + self.accepted_model
 
     def summary(self, row: int | None = None) -> dict[str, int | float]:
         """Counters summed over rows (or of one ``row``), with acceptance rate, accepted drafts per verify and the
@@ -129,7 +132,8 @@ class SpecStats:
         d, a, c = tot(self.drafted), tot(self.accepted), tot(self.verify_calls)
         theta = np.asarray(self.theta)
         return {"drafted": d, "accepted": a, "drafted_ngram": tot(self.drafted_ngram),
-                "accepted_ngram": tot(self.accepted_ngram), "drafted_model": tot(self.drafted_model),
+                "accepted_ngram": tot(self.accepted_ngram), "drafted_phrase": tot(self.drafted_phrase),
+                "accepted_phrase": tot(self.accepted_phrase), "drafted_model": tot(self.drafted_model),
                 "accepted_model": tot(self.accepted_model), "verify_calls": c,
                 "acceptance_rate": round(a / d, 4) if d else 0.0, "mean_accepted": round(a / c, 3) if c else 0.0,
                 "theta": round(float(theta.mean() if row is None else theta[row]), 4)}
@@ -168,7 +172,9 @@ class SpecDecoder(Decoder):
 
     ``drafter``: ``skip`` drafts with the ``skip`` sublayers bypassed (θ-adaptive when ``adaptive``); ``ngram``
     copies up to ``ngram_k`` tokens that followed the latest earlier occurrence of the row's last ``ngram_min`` ..
-    ``ngram_max`` tokens; ``hybrid`` uses the n-gram proposal where a row has a match and the skip draft elsewhere.
+    ``ngram_max`` tokens, or, where the context has none and ``params.phrases`` holds phrase tables, the table's
+    continuation of them (``phrases``); ``hybrid`` uses those proposals where a row has one and the skip draft
+    elsewhere.
     A row with no proposal verifies just its last token: the cycle is then a plain decoding step. With
     ``adaptive_k`` a row proposes at most 1 + 2 × (its moving average of accepted n-gram tokens) of them (after
     SuffixDecoding's match-confidence cap): the length doubles while copies are accepted and shrinks to one token
@@ -262,33 +268,38 @@ class SpecDecoder(Decoder):
         d, cache, _, _, drafts, q, n_draft, _ = jax.lax.while_loop(cond, body, init)
         return drafts, n_draft, q, cache, d
 
-    def draft(self, params: Params, state: State, key: Array) -> tuple[Array, Array, Array, Array | None, KVCache,
-                                                                         Array]:
+    def draft(self, params: Params, state: State, key: Array) -> tuple[Array, Array, Array, Array, Array | None,
+                                                                         KVCache, Array]:
         """Every row's proposal for this cycle: (drafts (B, slots), n_draft, n_ngram (drafts copied by n-gram
-        lookup), q (B, slots, V) draft distributions or None when greedy, cache, model draft steps)."""
+        lookup in the context), n_phrase (drafts from the phrase table), q (B, slots, V) draft distributions or None
+        when greedy, cache, model draft steps). A row's drafts come from one source."""
         B, K, V = state.last.shape[0], self.slots, self.cfg.vocab_size
         live = ~state.done
         room = jnp.where(live, state.budget - state.n_out, 0)
-        drafts, n_ng = jnp.zeros((B, K), jnp.int32), jnp.zeros((B,), jnp.int32)
+        drafts, n_ng, n_ph = jnp.zeros((B, K), jnp.int32), jnp.zeros((B,), jnp.int32), jnp.zeros((B,), jnp.int32)
         if self.needs_history:
-            drafts, n_ng = ngram_propose(state.history, state.cache.lengths + 1, self.ngram_min, self.ngram_max,
-                                         self.ngram_k)
+            length = state.cache.lengths + 1
+            drafts, n_ng = ngram_propose(state.history, length, self.ngram_min, self.ngram_max, self.ngram_k)
+            if params.phrases is not None:
+                d_ph, n_ph = phrases.lookup(params.phrases, state.history, length, self.ngram_k)
+                n_ph = jnp.where(n_ng > 0, 0, n_ph)
+                drafts = jnp.where((n_ph > 0)[:, None], d_ph, drafts)
             cap = room - 1
             if self.adaptive_k:
                 cap = jnp.minimum(cap, 1 + jnp.floor(2 * state.stats.ngram_accepted_ema).astype(jnp.int32))
-            n_ng = jnp.maximum(jnp.minimum(n_ng, cap), 0)
+            n_ng, n_ph = jnp.maximum(jnp.minimum(n_ng, cap), 0), jnp.maximum(jnp.minimum(n_ph, cap), 0)
             drafts = jnp.pad(drafts, ((0, 0), (0, K - self.ngram_k)))
-        n_draft, cache, steps = n_ng, state.cache, jnp.int32(0)
+        n_draft, cache, steps = n_ng + n_ph, state.cache, jnp.int32(0)
         q = None if self.sampling.greedy else jax.nn.one_hot(drafts, V, dtype=jnp.float32)  # point-mass proposals
         if self.uses_model:
-            d_m, n_m, q_m, cache, steps = self.draft_model(params, state, key, n_ng == 0)
+            d_m, n_m, q_m, cache, steps = self.draft_model(params, state, key, n_draft == 0)
             pad = ((0, 0), (0, K - self.max_draft))
             from_model = (n_m > 0)[:, None]
             drafts = jnp.where(from_model, jnp.pad(d_m, pad), drafts)
             n_draft = n_draft + n_m
             if q is not None:
                 q = jnp.where(from_model[..., None], jnp.pad(q_m, (*pad, (0, 0))), q)
-        return drafts, n_draft, n_ng, q, cache, steps
+        return drafts, n_draft, n_ng, n_ph, q, cache, steps
 
     @property
     def verify_sizes(self) -> tuple[int, ...]:
@@ -330,7 +341,7 @@ class SpecDecoder(Decoder):
         """One draft-verify cycle for every live row."""
         key, k_draft, k_verify = jax.random.split(state.key, 3)
         start = state.cache.lengths
-        drafts, n_draft, n_ng, q, cache, n_steps = self.draft(params, state, k_draft)
+        drafts, n_draft, n_ng, n_ph, q, cache, n_steps = self.draft(params, state, k_draft)
         chunk = jnp.concatenate([state.last[:, None], drafts], axis=1)
         logits, cache = self.verify(params, chunk, cache.replace(lengths=start), n_draft, state.done)
         if self.sampling.greedy:
@@ -351,18 +362,20 @@ class SpecDecoder(Decoder):
         st: SpecStats = state.stats
         acc = jnp.where(live, jnp.minimum(n_acc, n_draft), 0)
         n_draft = jnp.where(live, n_draft, 0)
-        acc_ng = jnp.minimum(acc, n_ng)
-        n_model, acc_model = n_draft - jnp.where(live, n_ng, 0), acc - acc_ng
+        n_ng, n_ph = jnp.where(live, n_ng, 0), jnp.where(live, n_ph, 0)
+        acc_ng, acc_ph = jnp.minimum(acc, n_ng), jnp.minimum(acc, n_ph)  # a row's drafts have one source
+        n_model, acc_model = n_draft - n_ng - n_ph, acc - acc_ng - acc_ph
         theta, ema = st.theta, st.acceptance_ema
         if self.adaptive and self.uses_model:  # θ follows the model drafts only; rows that copied keep theirs
             theta, ema = update_threshold(theta, ema, acc_model, n_model, self.max_draft)
         trace_idx = jnp.where(live, st.verify_calls, st.theta_trace.shape[1])
         st = st.replace(
-            drafted_ngram=st.drafted_ngram + jnp.where(live, n_ng, 0), accepted_ngram=st.accepted_ngram + acc_ng,
+            drafted_ngram=st.drafted_ngram + n_ng, accepted_ngram=st.accepted_ngram + acc_ng,
+            drafted_phrase=st.drafted_phrase + n_ph, accepted_phrase=st.accepted_phrase + acc_ph,
             drafted_model=st.drafted_model + n_model, accepted_model=st.accepted_model + acc_model,
             verify_calls=st.verify_calls + live, draft_steps=st.draft_steps + jnp.where(live, n_steps, 0),
             theta=jnp.where(live, theta, st.theta), acceptance_ema=jnp.where(live, ema, st.acceptance_ema),
-            ngram_accepted_ema=jnp.where(live & (n_ng > 0), (st.ngram_accepted_ema + acc_ng) / 2,
+            ngram_accepted_ema=jnp.where(n_ng + n_ph > 0, (st.ngram_accepted_ema + acc_ng + acc_ph) / 2,
                                          st.ngram_accepted_ema),
             theta_trace=st.theta_trace.at[rows, trace_idx].set(theta, mode="drop"),
             drafted_trace=st.drafted_trace.at[rows, trace_idx].set(n_draft, mode="drop"),

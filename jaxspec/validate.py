@@ -181,6 +181,8 @@ def profile(d: Any) -> dict[str, Any]:
         raise ValueError(f"'use_ssd' must be true or false, got {show(d['use_ssd'])}")
     if not isinstance(d.get("model_id"), str | None):
         raise ValueError(f"'model_id' must be a string, got {show(d['model_id'])}")
+    if not isinstance(d.get("phrases"), str | None):
+        raise ValueError(f"'phrases' must be a phrase table's file name, got {show(d['phrases'])}")
     if d.get("drafter", "skip") not in ("skip", "ngram", "hybrid"):
         raise ValueError(f"'drafter' must be skip, ngram or hybrid, got {show(d['drafter'])}")
     ngram = d.get("ngram", [2, 4, 8])

@@ -1,6 +1,8 @@
 """Persisted executables (``jaxspec.aot``): warm runs decode token-identically, keys separate what differs, and a
 damaged cache file falls back to compiling."""
 
+import json
+
 import jax.numpy as jnp
 import pytest
 import tinymodel
@@ -167,6 +169,13 @@ def test_prefetch_loads_the_latest_runs_executables(params, cache, loads):
     assert len(aot._pending) == 7
     assert generate(dec, params, [PROMPT], 10).tokens == cold.tokens
     assert loads == [True] * 7 and not aot._pending  # all loaded by the prefetch threads, all used
+    recent = json.loads((cache / aot.RECENT).read_text())
+    (cache / aot.RECENT).write_text(json.dumps({**recent, "environment": "another jaxspec"}))
+    aot.enable(cache, prefetch=True)
+    assert not aot._pending  # executables pickled by other code are not unpickled (their pytrees may have changed)
+    (cache / aot.RECENT).write_text(json.dumps(recent["keys"]))  # the format before the environment was recorded
+    aot.enable(cache, prefetch=True)
+    assert not aot._pending
     (cache / aot.RECENT).write_text("{not json")
     aot.enable(cache, prefetch=True)
     assert not aot._pending

@@ -47,3 +47,28 @@ def test_cost_rounds_up_to_compiled_sizes():
     assert replay_drafts.cost([6], costs, k=8) == pytest.approx(1.6)  # rounded up to 8
     assert replay_drafts.cost([9], costs, k=8) == pytest.approx(1.7)  # extrapolated past the last width
     assert np.isfinite(replay_drafts.cost([], costs, k=2))
+
+
+def test_replay_with_a_phrase_table_matches_device_cycles(params):
+    """``replay_drafts.with_phrases`` (the host twin of ``phrases.lookup``) proposes what the device does, cycle for
+    cycle, phrase drafts included."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxspec import phrases
+
+    corpus = [generate(Decoder(CFG), params, [tinymodel.progression(s, d, 6)], 24).tokens[0]
+              for s, d in ((3, 1), (10, 2), (20, 3), (5, 4))]
+    host = phrases.build(corpus, k=6)
+    with_table = params.replace(phrases=tuple(jax.tree.map(jnp.asarray, t) for t in host))
+    from_table = 0
+    for prompt in (tinymodel.progression(4, 1, 5), tinymodel.progression(12, 2, 7), [9, 3]):
+        out = generate(Decoder(CFG), params, [prompt], 24).tokens[0]
+        dev = generate(SpecDecoder(CFG, drafter="ngram", ngram_k=6), with_table, [prompt], 24)
+        assert dev.tokens[0] == out
+        n, widths = replay_drafts.replay({"prompt": prompt, "out": out}, replay_drafts.with_phrases(2, 4, 6, host))
+        s = dev.stats.summary()
+        assert n == len(out) and len(widths) == s["verify_calls"]
+        assert sum(widths) - len(widths) == s["drafted_ngram"] + s["drafted_phrase"]
+        from_table += s["drafted_phrase"]
+    assert from_table > 0

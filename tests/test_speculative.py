@@ -314,3 +314,23 @@ def test_ngram_sampling_keeps_the_distribution():
     assert pvalue(c1, p1) > 1e-3 and pvalue(c2, p2) > 1e-3
     buggy = p1[d] * np.eye(32)[d] + (1 - p1[d]) * p1  # accept d w.p. p(d), else resample from p (d included)
     assert pvalue(c1, buggy) < 1e-6
+
+
+def test_phrase_sampling_keeps_the_distribution():
+    """A phrase-table draft is a point mass too (``phrases``: proposed where the context has no match): the first two
+    sampled tokens follow the full model's distribution, and resampling from p after a rejection is caught."""
+    from jaxspec import phrases
+
+    params = init_params(SMALL, jax.random.key(3), scale=2.0)
+    prompt = [5, 9, 2]  # no n-gram repeats inside it: every draft comes from the table
+    p1, p2 = exact(params, prompt)
+    d = int(np.argmax(p1))  # a draft the model often accepts, and sometimes rejects
+    table = tuple(jax.tree.map(jnp.asarray, t) for t in phrases.build([[9, 2, d, 7, 5]], ns=(2,), k=3))
+    res = generate(SpecDecoder(SMALL, SMP, drafter="ngram", ngram_k=3), params.replace(phrases=table),
+                   [prompt] * N_SEEDS, 3, seed=7)
+    s = res.stats.summary()
+    assert s["drafted_phrase"] > 0 and 0 < s["accepted_phrase"] < s["drafted_phrase"] and s["drafted_model"] == 0
+    c1, c2 = first_two(res)
+    assert pvalue(c1, p1) > 1e-3 and pvalue(c2, p2) > 1e-3
+    buggy = p1[d] * np.eye(32)[d] + (1 - p1[d]) * p1
+    assert pvalue(c1, buggy) < 1e-6

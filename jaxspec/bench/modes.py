@@ -24,6 +24,7 @@ class Mode:
     init: dict[str, Any] = field(default_factory=dict)  # e.g. the initial threshold θ
     draft: DraftSpec | None = None  # the draft copy ``draft_model.with_draft`` adds to the parameters, if any
     ranking: tuple[int, ...] | None = None  # the profile's token ranking for a narrow draft head
+    phrases: str | None = None  # the phrase table (``phrases``) the parameters carry, if any
 
 
 def from_profile(cfg: Config, eos: tuple[int, ...], prof: Profile) -> Mode | None:
@@ -36,7 +37,8 @@ def from_profile(cfg: Config, eos: tuple[int, ...], prof: Profile) -> Mode | Non
     return Mode(SpecDecoder(cfg, eos_ids=eos, skip=prof.mask if prof.drafter != "ngram" else SkipMask(),
                             max_draft=prof.max_draft, drafter=prof.drafter, ngram_min=prof.ngram[0],
                             ngram_max=prof.ngram[1], ngram_k=prof.ngram[2], draft_spec=draft),
-                {"theta": prof.threshold}, draft, None if ranking is None else tuple(ranking))
+                {"theta": prof.threshold}, draft, None if ranking is None else tuple(ranking),
+                prof.phrases if prof.drafter != "skip" else None)
 
 
 Factory = Callable[[Config, tuple[int, ...], Profile | None], Mode | None]

@@ -13,6 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from jaxspec import phrases
 from jaxspec.bench.modes import Mode
 from jaxspec.decode import Result, generate
 from jaxspec.draft_model import with_draft
@@ -28,6 +29,7 @@ def counters(r: Result) -> dict[str, Any]:
     calls = summary["verify_calls"]
     return {"drafted": summary["drafted"], "accepted": summary["accepted"], "verify_calls": calls,
             "drafted_ngram": summary["drafted_ngram"], "accepted_ngram": summary["accepted_ngram"],
+            "drafted_phrase": summary["drafted_phrase"], "accepted_phrase": summary["accepted_phrase"],
             "accepted_trace": [int(x) for x in s.accepted_trace[0][:calls]],
             "theta_trace": [round(float(x), 4) for x in s.theta_trace[0][:calls]]}
 
@@ -44,6 +46,9 @@ def measure(modes: dict[str, Mode], params: Params, prompts: list[tuple[str, str
     names = list(modes)
     with_params = {n: params if m.draft is None else with_draft(params, m.decoder.cfg, m.draft, m.ranking)
                    for n, m in modes.items()}  # each draft copy made once
+    for n, m in modes.items():
+        if m.phrases is not None:
+            with_params[n] = with_params[n].replace(phrases=phrases.load(m.phrases, m.decoder.cfg.vocab_size))
     records = []
     with tqdm(total=len(prompts) * len(names), desc=desc, unit="run", dynamic_ncols=True) as bar:
         for i, (task, pid, ids) in enumerate(prompts):

@@ -25,7 +25,7 @@ import_jax()  # without etils.epath: 50-70 ms less of every command
 
 import jax  # noqa: E402
 
-from jaxspec import aot, cli, distributed, validate  # noqa: E402
+from jaxspec import aot, cli, distributed, phrases, validate  # noqa: E402
 from jaxspec.batch import run_batch_job  # noqa: E402
 from jaxspec.checkpoint import CheckpointError, cache_dir, fast_cache_dir, load, resolve  # noqa: E402
 from jaxspec.config import SkipMask  # noqa: E402
@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ngram-min", type=int, help="shortest n-gram matched (default 2 or the profile's)")
     ap.add_argument("--ngram-max", type=int, help="longest n-gram matched, tried first (default 4 or the profile's)")
     ap.add_argument("--ngram-k", type=int, help="most tokens an n-gram match proposes (default 8 or the profile's)")
+    ap.add_argument("--phrases", help="phrase table (tools/make_phrases.py) the n-gram drafter also looks up where "
+                    "the context has no match (default: the profile's, if its search adopted one)")
+    ap.add_argument("--no-phrases", action="store_true", help="no phrase table, even the profile's")
     ap.add_argument("--skip-profile", help="profile JSON or preset name (default: the checkpoint's own)")
     ap.add_argument("--skip-attn", help="comma-separated attention sublayers the draft skips")
     ap.add_argument("--skip-mlp", help="comma-separated MLP sublayers the draft skips")
@@ -170,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
                       ngram_min=ngram[0], ngram_max=ngram[1], ngram_k=ngram[2],  # checks the settings (ValueError)
                       draft_spec=spec)
     log(f"drafter {drafter}: skip mask {ssd.skip}, n-gram {ngram[0]}..{ngram[1]} tokens, k={ngram[2]}")
+    if args.phrases and (args.no_phrases or drafter == "skip" or mesh is not None):
+        raise ValueError("--phrases adds drafts to the n-gram lookup on one device: use it with --drafter ngram or "
+                         "hybrid, without --no-phrases or --mesh")
+    table = None if args.no_phrases or drafter == "skip" or mesh is not None else args.phrases or base.phrases
+    if table and (mode == "ssd" or args.compare):
+        params = params.replace(phrases=phrases.load(table, cfg.vocab_size))
+        log(f"phrase table: {table}")
     if spec is not None:
         params = with_draft(params, cfg, spec, ranking)
         log(f"draft: {spec}")
