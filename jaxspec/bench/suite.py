@@ -104,6 +104,8 @@ def describe(m: Mode) -> str:
         parts.append(f"skips attn {list(skip.attn)} mlp {list(skip.mlp)}")
     if getattr(d, "drafter", "skip") != "skip":
         parts.append(f"n-gram {d.ngram_min}..{d.ngram_max} k {d.ngram_k}")
+    if m.phrases is not None:
+        parts.append(f"phrase table {Path(m.phrases).name}")
     if m.draft is not None:
         parts.append(f"draft {m.draft}")
     return ", ".join(parts + [f"max_draft {d.max_draft}", f"θ0 {m.init.get('theta', 0.6)}"])
