@@ -87,7 +87,8 @@ DRAFTERS = ("skip", "ngram", "hybrid")
 
 @pytree
 class SpecStats:
-    """Per-row speculative counters, (B,) unless noted; drafts are counted by source (n-gram copy or model)."""
+    """Per-row speculative counters, (B,) unless noted; drafts are counted by source (copied from the context,
+    from the phrase table, or drafted by the model)."""
 
     drafted_ngram: Array  # tokens proposed by n-gram lookup in the row's context
     accepted_ngram: Array  # ... of which the full model accepted
