@@ -89,3 +89,12 @@ def test_phrase_drafts_are_lossless_and_accepted(params) -> None:
     assert s["accepted"] == s["accepted_ngram"] + s["accepted_phrase"] + s["accepted_model"]
     plain = generate(dec, params, prompts, budgets).stats.summary()
     assert plain["drafted_phrase"] == 0 and s["verify_calls"] < plain["verify_calls"]
+
+
+def test_lookup_pads_or_cuts_entries_to_the_drafters_k() -> None:
+    tables = tuple(jax.tree.map(jnp.asarray, t) for t in phrases.build([[1, 2, 3, 4, 5, 6, 7]], ns=(2,), k=4))
+    hist = jnp.asarray([[9, 1, 2, 0]])
+    longer, n_long = phrases.lookup(tables, hist, jnp.asarray([3]), 6)
+    shorter, n_short = phrases.lookup(tables, hist, jnp.asarray([3]), 2)
+    assert longer.tolist() == [[3, 4, 5, 6, 0, 0]] and n_long.tolist() == [4]
+    assert shorter.tolist() == [[3, 4]] and n_short.tolist() == [2]
