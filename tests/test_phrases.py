@@ -7,6 +7,7 @@ import pytest
 import tinymodel
 
 from jaxspec import phrases
+from jaxspec.config import SkipMask
 from jaxspec.decode import Decoder, generate
 from jaxspec.speculative import SpecDecoder
 
@@ -71,16 +72,18 @@ def params():
     return tinymodel.trained()
 
 
-def test_phrase_drafts_are_lossless_and_accepted(params) -> None:
-    """A table from the model's own greedy continuations of other prompts: ragged batched n-gram decoding with it
-    gives AR's tokens, and its drafts are proposed and accepted where the context has no match."""
+@pytest.mark.parametrize("drafter", ["ngram", "hybrid"])
+def test_phrase_drafts_are_lossless_and_accepted(params, drafter) -> None:
+    """A table from the model's own greedy continuations of other prompts: ragged batched n-gram (or hybrid: the
+    model drafts where neither the context nor the table proposes) decoding with it gives AR's tokens, and the
+    table's drafts are proposed and accepted where the context has no match."""
     corpus_prompts = [tinymodel.progression(s, d, 6) for s, d in ((3, 1), (10, 2), (20, 3), (5, 4))]
     corpus = [generate(Decoder(CFG), params, [p], 24).tokens[0] for p in corpus_prompts]
     table = tuple(jax.tree.map(jnp.asarray, t) for t in phrases.build(corpus, k=6))
     with_table = params.replace(phrases=table)
     prompts = [tinymodel.progression(4, 1, 5), tinymodel.progression(12, 2, 7), [9, 3]]
     budgets = [20, 13, 17]
-    dec = SpecDecoder(CFG, drafter="ngram", ngram_k=6)
+    dec = SpecDecoder(CFG, drafter=drafter, ngram_k=6, max_draft=4, skip=SkipMask(attn=(1,), mlp=(2,)))
     res = generate(dec, with_table, prompts, budgets)
     for b, p in enumerate(prompts):
         assert res.tokens[b] == generate(Decoder(CFG), params, [p], budgets[b]).tokens[0]
