@@ -38,6 +38,7 @@ _API = {  # public name → (module, attribute)
     "load_profile": ("jaxspec.profile", "load_profile"),
     "save_profile": ("jaxspec.profile", "save_profile"),
     "search_profile": ("jaxspec.search", "search"),  # finds a skip profile for a model on this device
+    "load_phrases": ("jaxspec.phrases", "load"),  # a phrase table: params.replace(phrases=load_phrases(path, vocab))
 }
 __all__ = sorted(_API)
 
