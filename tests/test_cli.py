@@ -107,6 +107,8 @@ BAD = [
     ("generate", ["--prompt", "hi", "--ckpt", "{ckpt}", "--phrases", "{dir}/README.md"], "not a phrase table"),
     ("generate", ["--prompt", "hi", "--ckpt", "{ckpt}", "--drafter", "skip", "--skip-attn", "1", "--phrases",
                   "{dir}/README.md"], "--phrases adds drafts to the n-gram lookup"),
+    ("generate", ["--prompt", "hi", "--ckpt", "{ckpt}", "--mode", "ar", "--phrases", "{dir}/README.md"],
+     "--phrases adds drafts to the n-gram lookup"),
     ("generate", ["--input", "{dir}/in.jsonl", "--output", "{dir}/README.md", "--ckpt", "{ckpt}"],
      "line 1 is not a batch result"),
     ("generate", ["--input", "{dir}/in.jsonl", "--output", "{dir}/../{dirname}/in.jsonl", "--ckpt", "{ckpt}"],

@@ -173,9 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                       ngram_min=ngram[0], ngram_max=ngram[1], ngram_k=ngram[2],  # checks the settings (ValueError)
                       draft_spec=spec)
     log(f"drafter {drafter}: skip mask {ssd.skip}, n-gram {ngram[0]}..{ngram[1]} tokens, k={ngram[2]}")
-    if args.phrases and (args.no_phrases or drafter == "skip" or mesh is not None):
+    if args.phrases and (args.no_phrases or drafter == "skip" or mesh is not None
+                         or (mode == "ar" and not args.compare)):
         raise ValueError("--phrases adds drafts to the n-gram lookup on one device: use it with --drafter ngram or "
-                         "hybrid, without --no-phrases or --mesh")
+                         "hybrid, without --mode ar, --no-phrases or --mesh")
     table = None if args.no_phrases or drafter == "skip" or mesh is not None else args.phrases or base.phrases
     if table and (mode == "ssd" or args.compare):
         params = params.replace(phrases=phrases.load(table, cfg.vocab_size))
