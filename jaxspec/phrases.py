@@ -3,8 +3,9 @@
 A row's context (prompt + output) gives the n-gram drafter free drafts only where the text repeats itself; elsewhere
 a cycle is a plain decoding step. A phrase table adds drafts there: for each n-gram (n = 3, then 2) that the model's
 own greedy outputs on calibration prompts continue mostly one way, the tokens that followed it. No extra model and
-no training: token ids (SmolLM2: 267 KB compressed) built once per model (``build``) and looked up inside the compiled cycle
-(``lookup``: one hashed gather per table). Verification keeps the output lossless whatever the table says.
+no training: token ids (SmolLM2's: 267 KB compressed) built once per model (``build``) and looked up inside the
+compiled cycle (``lookup``: one hashed gather per table). Verification keeps the output lossless whatever the table
+says.
 
 Replayed on SmolLM2's greedy outputs (BENCHMARKS.md, "Phrase tables"), a table from 120 calibration answers
 raised the tokens per cycle of the n-gram drafter on code by a quarter; the measured speedups are there too.
