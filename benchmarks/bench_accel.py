@@ -59,6 +59,7 @@ MODES: dict[str, Callable[[Config, tuple[int, ...], SkipMask], Decoder]] = {
     "ar": lambda cfg, eos, skip: Decoder(cfg, eos_ids=eos),
     "skip": lambda cfg, eos, skip: SpecDecoder(cfg, eos_ids=eos, skip=skip),
     "ngram": lambda cfg, eos, skip: SpecDecoder(cfg, eos_ids=eos, drafter="ngram"),
+    "ngram-adaptive": lambda cfg, eos, skip: SpecDecoder(cfg, eos_ids=eos, drafter="ngram", adaptive_k=True),
     "hybrid": lambda cfg, eos, skip: SpecDecoder(cfg, eos_ids=eos, drafter="hybrid", skip=skip),
 }
 TEXTS = ("The history of the Roman Empire began when", "def fibonacci(n):", "Write a haiku about the sea.")

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_tasks.py  # summarization, code, chat/story: AR vs n-gram drafting
     python benchmarks/bench_tasks.py --drafter ngram --drafter hybrid --skip-attn 10,12 --rounds 3
+    python benchmarks/bench_tasks.py --prompt-set benchmark --per-task 8 --ngram-set 2,4,4 --ngram-set 2,4,8,adaptive
     python benchmarks/bench_tasks.py --lookup-cost  # n-gram lookup cost vs one decode step, 128 and 4k history
     python benchmarks/bench_tasks.py --verify-cost  # cycles verifying T tokens vs forward(T) vs one AR step
 
@@ -41,7 +42,14 @@ STORIES = ["Write a short story about a lighthouse keeper who finds a message in
            "Tell me a bedtime story about a dragon who is afraid of the dark."]
 
 
-def task_prompts(tok, per_task: int) -> dict[str, list[list[int]]]:  # noqa: ANN001
+def task_prompts(tok, per_task: int, prompt_set: str = "zero-shot") -> dict[str, list[list[int]]]:  # noqa: ANN001
+    """Token ids per task: ``zero-shot`` (the requests alone, stories for chat) or ``benchmark`` (the full benchmark's
+    items, ``jaxspec.bench.tasks``: 1-shot aclsum summaries, HumanEval, MT-Bench)."""
+    if prompt_set == "benchmark":
+        from jaxspec.bench import tasks
+
+        return {t: [tasks.prompt_ids(it, tok) for it in tasks.load(t, per_task)] for t in ("summarization", "code",
+                                                                                          "chat")}
     chat = data.prompts("chat", "evaluation")[: max(per_task - len(STORIES), 1)]
     texts = {"summarization": [p["text"] for p in data.prompts("summarization", "evaluation")[:per_task]],
              "code": [p["text"] for p in data.prompts("code", "evaluation")[:per_task]],
@@ -157,8 +165,11 @@ def main() -> None:
     ap.add_argument("--skip-attn", default="", help="skip mask of skip/hybrid drafters")
     ap.add_argument("--skip-mlp", default="")
     ap.add_argument("--ngram-k", type=int, default=8)
-    ap.add_argument("--ngram-set", action="append", default=[], metavar="MIN,MAX,K",
-                    help="also the n-gram drafter with these settings; repeatable")
+    ap.add_argument("--prompt-set", choices=["zero-shot", "benchmark"], default="zero-shot",
+                    help="zero-shot requests (default) or the full benchmark's items (1-shot summaries)")
+    ap.add_argument("--ngram-set", action="append", default=[], metavar="MIN,MAX,K[,adaptive]",
+                    help="the n-gram drafter with these settings (SpecDecoder.adaptive_k with ',adaptive'), instead "
+                    "of --drafter's default; repeatable")
     ap.add_argument("--phrases", action="append", default=[], help="also every n-gram decoder with this phrase table "
                     "(jaxspec/phrases.py); repeatable")
     ap.add_argument("--adaptive-k", action="store_true", help="also each drafter with adaptive n-gram proposal "
@@ -183,22 +194,24 @@ def main() -> None:
                     tuple(int(x) for x in args.skip_mlp.split(",") if x))
     eos = tuple(tok.eos_ids) or cfg.eos_ids
     decs = {"ar": Decoder(cfg, eos_ids=eos)}
-    for d in args.drafter or ["ngram"]:
+    for d in args.drafter or ([] if args.ngram_set else ["ngram"]):
         decs[d] = SpecDecoder(cfg, eos_ids=eos, skip=mask, drafter=d, ngram_k=args.ngram_k)
         if args.adaptive_k:
             decs[f"{d} adaptive k"] = SpecDecoder(cfg, eos_ids=eos, skip=mask, drafter=d, ngram_k=args.ngram_k,
                                                   adaptive_k=True)
     for spec in args.ngram_set:
-        lo, hi, k = (int(x) for x in spec.split(","))
-        decs[f"ngram {lo}..{hi} k={k}"] = SpecDecoder(cfg, eos_ids=eos, drafter="ngram", ngram_min=lo, ngram_max=hi,
-                                                      ngram_k=k)
+        lo, hi, k, *adaptive = spec.split(",")
+        decs[f"ngram {lo}..{hi} k={k}{' adaptive' if adaptive else ''}"] = SpecDecoder(
+            cfg, eos_ids=eos, drafter="ngram", ngram_min=int(lo), ngram_max=int(hi), ngram_k=int(k),
+            adaptive_k=adaptive == ["adaptive"])
     pars = dict.fromkeys(decs, params)
     for path in args.phrases:
         table, tag = params.replace(phrases=phrases.load(path, cfg.vocab_size)), Path(path).name.split(".")[0]
         for n in [n for n, d in decs.items() if getattr(d, "drafter", None) == "ngram" and pars[n] is params]:
             decs[f"{n} + {tag if len(args.phrases) > 1 else 'phrases'}"] = decs[n]
             pars[f"{n} + {tag if len(args.phrases) > 1 else 'phrases'}"] = table
-    tasks = {t: p for t, p in task_prompts(tok, args.per_task).items() if not args.task or t in args.task}
+    tasks = {t: p for t, p in task_prompts(tok, args.per_task, args.prompt_set).items()
+             if not args.task or t in args.task}
     names = list(decs)
     for n, d in decs.items():  # warm-up: compilation and first-execution costs
         generate(d, pars[n], [next(iter(tasks.values()))[0]], args.max_new_tokens)

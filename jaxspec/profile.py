@@ -89,6 +89,7 @@ class Profile:
     use_ssd: bool = True  # False when no configuration beat autoregressive decoding (``adopt``) on its device
     drafter: str = "skip"  # speculative.DRAFTERS: skip, ngram or hybrid
     ngram: tuple[int, int, int] = (2, 4, 8)  # n-gram min, max and proposal length k
+    ngram_adaptive: bool = False  # proposals of k // 2 tokens, k after one with k // 2 accepted (SpecDecoder)
     speedup: float | None = None  # measured speedup over AR that adopted it
     phrases: str | None = None  # a phrase table (``phrases``) the n-gram drafter also looks up, when it paid
     # The best self-draft measured (drafter skip): mask, threshold, max_draft, draft (DraftSpec.to_json), speedup...
@@ -98,19 +99,21 @@ class Profile:
     def to_json(self) -> dict[str, Any]:
         return {"model_id": self.model_id, "mask": self.mask.to_json(), "threshold": self.threshold,
                 "max_draft": self.max_draft, "use_ssd": self.use_ssd, "drafter": self.drafter,
-                "ngram": list(self.ngram), "speedup": self.speedup,
+                "ngram": list(self.ngram), **({"ngram_adaptive": True} if self.ngram_adaptive else {}),
+                "speedup": self.speedup,
                 **({"phrases": self.phrases} if self.phrases is not None else {}),
                 **({"self_draft": self.self_draft} if self.self_draft is not None else {}), **self.info}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Profile:
         validate.profile(d)  # the rules of --threshold and --max-draft hold for a file's values too
-        known = {"model_id", "mask", "threshold", "max_draft", "use_ssd", "drafter", "ngram", "speedup", "self_draft",
-                 "phrases"}
+        known = {"model_id", "mask", "threshold", "max_draft", "use_ssd", "drafter", "ngram", "ngram_adaptive",
+                 "speedup", "self_draft", "phrases"}
         return cls(mask=SkipMask.from_json(d["mask"]), threshold=float(d.get("threshold", 0.6)),
                    max_draft=int(d.get("max_draft", 12)), model_id=d.get("model_id"),
                    use_ssd=bool(d.get("use_ssd", True)), drafter=str(d.get("drafter", "skip")),
-                   ngram=tuple(int(x) for x in d.get("ngram", (2, 4, 8))), speedup=d.get("speedup"),
+                   ngram=tuple(int(x) for x in d.get("ngram", (2, 4, 8))),
+                   ngram_adaptive=bool(d.get("ngram_adaptive", False)), speedup=d.get("speedup"),
                    phrases=d.get("phrases"), self_draft=d.get("self_draft"),
                    info={k: v for k, v in d.items() if k not in known})
 

@@ -100,21 +100,20 @@ class SpecStats:
     draft_steps: Array  # draft-model forward passes run (batched: every row pays the longest row's)
     theta: Array  # float32 draft-exit threshold θ (governs model drafts only)
     acceptance_ema: Array  # float32 exponential moving average of the model drafts' acceptance rate (θ rule)
-    ngram_accepted_ema: Array  # float32 moving average of tokens accepted per n-gram proposal (sets its length)
+    ngram_last_accepted: Array  # drafts accepted from the row's latest n-gram or phrase proposal (``adaptive_k``)
     theta_trace: Array  # (B, max_new) float32: θ after each cycle
     drafted_trace: Array  # (B, max_new): drafts (either source) per cycle
     accepted_trace: Array  # (B, max_new)
 
     @classmethod
-    def create(cls, batch: int, max_new: int, theta: float = 0.6, ngram_k: int = 8) -> SpecStats:
+    def create(cls, batch: int, max_new: int, theta: float = 0.6) -> SpecStats:
         def z(dtype: type = np.int32, *shape: int, fill: float = 0) -> Array:
             # Built on the host and put on the device: no per-shape compilation on a warm start; a fresh buffer
             # each (the decode loop donates the state).
             return jax.device_put(np.full((batch, *shape), fill, dtype))
 
-        return cls(z(), z(), z(), z(), z(), z(), z(), z(), z(np.float32, fill=theta), z(np.float32),
-                   z(np.float32, fill=ngram_k / 2), z(np.float32, max_new), z(np.int32, max_new),
-                   z(np.int32, max_new))
+        return cls(z(), z(), z(), z(), z(), z(), z(), z(), z(np.float32, fill=theta), z(np.float32), z(),
+                   z(np.float32, max_new), z(np.int32, max_new), z(np.int32, max_new))
 
     @property
     def drafted(self) -> Array:
@@ -177,9 +176,10 @@ class SpecDecoder(Decoder):
     continuation of them (``phrases``); ``hybrid`` uses those proposals where a row has one and the skip draft
     elsewhere.
     A row with no proposal verifies just its last token: the cycle is then a plain decoding step. With
-    ``adaptive_k`` a row proposes at most 1 + 2 × (its moving average of accepted n-gram tokens) of them (after
-    SuffixDecoding's match-confidence cap): the length doubles while copies are accepted and shrinks to one token
-    where they are not, so text that does not repeat its context pays for 2-token verifies, not k+1-token ones.
+    ``adaptive_k`` a row proposes at most ``ngram_k // 2`` tokens, or ``ngram_k`` while its latest proposal had at
+    least ``ngram_k // 2`` accepted: long copies are taken in long verifies, and a row whose copies fail pays for
+    the short ones (a verify of 9 tokens costs ~1.55 decode steps here, of 5 ~1.27). Off by default: the third
+    compiled verify width makes the decode loop slower to load, 0.2-0.3 s per process (BENCHMARKS.md "Adaptive k").
 
     ``draft_spec`` makes model drafts with the cheap copy ``params.draft`` (``draft_model.with_draft``): low
     precision, narrow head. The copy travels inside the params pytree given to ``run``, so verify and prefill see
@@ -193,7 +193,7 @@ class SpecDecoder(Decoder):
     ngram_min: int = 2
     ngram_max: int = 4
     ngram_k: int = 8
-    adaptive_k: bool = False  # measured: fixed k was faster on all three tasks (BENCHMARKS.md, "Draft sources")
+    adaptive_k: bool = False  # proposals of k // 2 tokens, k after one with k // 2 accepted
     draft_spec: DraftSpec | None = None
 
     mode = "ssd"
@@ -228,7 +228,7 @@ class SpecDecoder(Decoder):
         return self.slots + 1
 
     def init_stats(self, batch: int, max_new: int, theta: float = 0.6) -> SpecStats:
-        return SpecStats.create(batch, max_new, theta, self.ngram_k)
+        return SpecStats.create(batch, max_new, theta)
 
     def draft_model(self, params: Params, state: State, key: Array, active: Array
                     ) -> tuple[Array, Array, Array | None, KVCache, Array]:
@@ -286,8 +286,9 @@ class SpecDecoder(Decoder):
                 n_ph = jnp.where(n_ng > 0, 0, n_ph)
                 drafts = jnp.where((n_ph > 0)[:, None], d_ph, drafts)
             cap = room - 1
-            if self.adaptive_k:
-                cap = jnp.minimum(cap, 1 + jnp.floor(2 * state.stats.ngram_accepted_ema).astype(jnp.int32))
+            if self.adaptive_k:  # k // 2 tokens, k while the row's copies are being accepted
+                long = state.stats.ngram_last_accepted >= self.ngram_k // 2
+                cap = jnp.minimum(cap, jnp.where(long, self.ngram_k, self.ngram_k // 2))
             n_ng, n_ph = jnp.maximum(jnp.minimum(n_ng, cap), 0), jnp.maximum(jnp.minimum(n_ph, cap), 0)
             drafts = jnp.pad(drafts, ((0, 0), (0, K - self.ngram_k)))
         n_draft, cache, steps = n_ng + n_ph, state.cache, jnp.int32(0)
@@ -307,9 +308,10 @@ class SpecDecoder(Decoder):
         """Verify chunk lengths compiled (each is one more compiled forward pass): 1, 2, 4, 8, ... below
         ``slots + 1``, then ``slots + 1``; for the n-gram drafter with a fixed k only 1 and ``k + 1`` (a lookup
         proposes all k tokens or none nearly always: the middle widths measured no faster, and each makes the
-        persisted decode loop slower to load, BENCHMARKS.md "Warm start")."""
-        if self.drafter == "ngram" and not self.adaptive_k:
-            return (1, self.slots + 1) if self.slots else (1,)
+        persisted decode loop slower to load, BENCHMARKS.md "Warm start"); with ``adaptive_k`` also ``k // 2 + 1``."""
+        if self.drafter == "ngram":
+            short = (self.ngram_k // 2 + 1,) if self.adaptive_k and self.ngram_k > 1 else ()
+            return (1, *short, self.slots + 1)
         return tuple(t for t in (1, 2, 4, 8, 16, 32) if t < self.slots + 1) + (self.slots + 1,)
 
     def verify(self, params: Params, chunk: Array, cache: KVCache, n_draft: Array, done: Array
@@ -376,8 +378,7 @@ class SpecDecoder(Decoder):
             drafted_model=st.drafted_model + n_model, accepted_model=st.accepted_model + acc_model,
             verify_calls=st.verify_calls + live, draft_steps=st.draft_steps + jnp.where(live, n_steps, 0),
             theta=jnp.where(live, theta, st.theta), acceptance_ema=jnp.where(live, ema, st.acceptance_ema),
-            ngram_accepted_ema=jnp.where(n_ng + n_ph > 0, (st.ngram_accepted_ema + acc_ng + acc_ph) / 2,
-                                         st.ngram_accepted_ema),
+            ngram_last_accepted=jnp.where(n_ng + n_ph > 0, acc_ng + acc_ph, st.ngram_last_accepted),
             theta_trace=st.theta_trace.at[rows, trace_idx].set(theta, mode="drop"),
             drafted_trace=st.drafted_trace.at[rows, trace_idx].set(n_draft, mode="drop"),
             accepted_trace=st.accepted_trace.at[rows, trace_idx].set(acc, mode="drop"),

@@ -177,8 +177,9 @@ def profile(d: Any) -> dict[str, Any]:
     for k in ("threshold", "max_draft"):
         if k in d:
             value(k, d[k], repr(k))
-    if not isinstance(d.get("use_ssd", True), bool):
-        raise ValueError(f"'use_ssd' must be true or false, got {show(d['use_ssd'])}")
+    for k in ("use_ssd", "ngram_adaptive"):
+        if not isinstance(d.get(k, True), bool):
+            raise ValueError(f"{k!r} must be true or false, got {show(d[k])}")
     if not isinstance(d.get("model_id"), str | None):
         raise ValueError(f"'model_id' must be a string, got {show(d['model_id'])}")
     if not isinstance(d.get("phrases"), str | None):

@@ -182,7 +182,8 @@ def searched(params):
     """A whole search of the tiny model over masks × {float32, int8} × {whole head, 40 tokens}, with n-gram and
     hybrid timed beside the self-drafts."""
     opts = SearchOptions(budget=6, max_new=16, drafts=(3,), thetas=(0.6,), n_initial=2, top=1, real_prompts=2,
-                         repeats=1, precisions=("float32", "int8"), heads=(0, 40), ngram=((2, 4, 4),))
+                         repeats=1, precisions=("float32", "int8"), heads=(0, 40), ngram=((2, 4, 4),),
+                         ngram_adaptive=((2, 4, 8),))
     return search(params, CFG, PROMPTS, CFG.eos_ids, opts, progress=False)
 
 
@@ -197,6 +198,7 @@ def test_search_tiny_model_writes_a_valid_profile(searched, tmp_path):
     assert set(cost["layers"]) == {"float32", "int8"} and set(cost["head"]["int8"]) == {"0", "40"}
     drafters = [c["drafter"] for c in info["candidates"]]
     assert drafters[0] == "skip" and {"ngram", "hybrid"} <= set(drafters)  # AR first, then every drafter
+    assert [c["ngram"] for c in info["candidates"] if c["ngram_adaptive"]] == [[2, 4, 8]]  # and adaptive k
     assert all(c["lossless"] for c in info["candidates"])  # greedy output identical to AR, cheap drafts included
     # Adopted only when every round beat AR by ADOPT_MARGIN (and output matched); else AR, whatever won.
     lows = [min(c["speedups"]) for c in info["candidates"][1:]]
@@ -212,6 +214,8 @@ def test_search_tiny_model_writes_a_valid_profile(searched, tmp_path):
     save_profile(path, prof)
     back = load_profile(path, CFG)
     assert back.to_json() == json.loads(json.dumps(prof.to_json()))
+    save_profile(path, dataclasses.replace(prof, ngram_adaptive=not prof.ngram_adaptive))
+    assert load_profile(path, CFG).ngram_adaptive != back.ngram_adaptive == prof.ngram_adaptive
     skip = back.for_drafter("skip")
     assert skip.info["draft"] == sd["draft"] and skip.mask == SkipMask.from_json(sd["mask"])
     with pytest.raises(ValueError, match="another model"):

@@ -159,6 +159,34 @@ def test_ragged_batch_ssd_equals_single_rows(params, drafter):
         assert batched.stats.accepted_ngram.sum() > 0
 
 
+def test_adaptive_k_is_lossless_and_proposes_long_only_after_an_accepted_short(params):
+    """``adaptive_k``: a row proposes k // 2 tokens, k only right after a proposal with k // 2 accepted; ragged rows
+    decode exactly as AR."""
+    prompts = [repeated(40, 1, 17, 12), repeated(1, 4, 18, 16), tinymodel.progression(5, 2, 3),
+               repeated(30, 3, 40, 25)]
+    budgets = [24, 10, 17, 24]
+    k = 6
+    dec = SpecDecoder(CFG, drafter="ngram", ngram_k=k, adaptive_k=True)
+    assert dec.verify_sizes == (1, k // 2 + 1, k + 1)
+    res = generate(dec, params, prompts, budgets)
+    long_seen = short_after_long = 0
+    for b, p in enumerate(prompts):
+        ar = generate(Decoder(CFG), params, [p], budgets[b]).tokens[0]
+        assert_lossless(params, p, ar, res.tokens[b])
+        calls = int(res.stats.verify_calls[b])
+        drafted = np.asarray(res.stats.drafted_trace[b, :calls])
+        accepted = np.asarray(res.stats.accepted_trace[b, :calls])
+        last_acc = 0  # a row starts short
+        for d, a in zip(drafted, accepted, strict=True):
+            if d == 0:
+                continue
+            assert d <= (k if last_acc >= k // 2 else k // 2)
+            long_seen += d > k // 2
+            short_after_long += d <= k // 2 and last_acc < k // 2 and long_seen > 0
+            last_acc = a
+    assert long_seen > 0 and short_after_long > 0  # the test has power: both lengths were proposed
+
+
 def test_eos_and_budget_inside_a_draft(params):
     prompt = tinymodel.progression(9, 2, 8)
     free = generate(Decoder(CFG), params, [prompt], 30).tokens[0]

@@ -129,7 +129,7 @@ def test_read_rows_never_fails_on_content(tmp_path_factory, lines):
 @settings(max_examples=200, deadline=None)
 @given(d=st.fixed_dictionaries({"mask": st.one_of(st.just({"attn": [1], "mlp": []}), VALUES)},
                                optional={"threshold": VALUES, "max_draft": VALUES, "use_ssd": VALUES,
-                                         "model_id": VALUES}))
+                                         "ngram_adaptive": VALUES, "model_id": VALUES}))
 def test_profiles(d):
     try:
         prof = Profile.from_json(d)
@@ -137,6 +137,7 @@ def test_profiles(d):
         one_line(e)
         return
     assert 0.0 <= prof.threshold <= 1.0 and 1 <= prof.max_draft <= 64
+    assert isinstance(prof.use_ssd, bool) and prof.ngram_adaptive in (d.get("ngram_adaptive"), False)
 
 
 FIELDS = sorted(validate.CONFIG_INTS) + ["norm_eps", "rope_theta", "bos_id", "eos_ids", "dtype", "tie_embeddings"]

@@ -36,7 +36,8 @@ def from_profile(cfg: Config, eos: tuple[int, ...], prof: Profile) -> Mode | Non
     ranking = prof.info.get("draft_vocab") if draft is not None and draft.head else None
     return Mode(SpecDecoder(cfg, eos_ids=eos, skip=prof.mask if prof.drafter != "ngram" else SkipMask(),
                             max_draft=prof.max_draft, drafter=prof.drafter, ngram_min=prof.ngram[0],
-                            ngram_max=prof.ngram[1], ngram_k=prof.ngram[2], draft_spec=draft),
+                            ngram_max=prof.ngram[1], ngram_k=prof.ngram[2], adaptive_k=prof.ngram_adaptive,
+                            draft_spec=draft),
                 {"theta": prof.threshold}, draft, None if ranking is None else tuple(ranking),
                 prof.phrases if prof.drafter != "skip" else None)
 

@@ -60,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "(prompt lookup), hybrid (n-gram where the context has a match, else skip); default: the profile's")
     ap.add_argument("--ngram-min", type=int, help="shortest n-gram matched (default 2 or the profile's)")
     ap.add_argument("--ngram-max", type=int, help="longest n-gram matched, tried first (default 4 or the profile's)")
-    ap.add_argument("--ngram-k", type=int, help="most tokens an n-gram match proposes (default 8 or the profile's)")
+    ap.add_argument("--ngram-k", type=int, help="most tokens an n-gram match proposes (default: the profile's, else 4)")
+    ap.add_argument("--ngram-adaptive", action=argparse.BooleanOptionalAction, help="propose k/2 tokens, k after a "
+                    "proposal with k/2 accepted (default: the profile's choice)")
     ap.add_argument("--phrases", help="phrase table (tools/make_phrases.py) the n-gram drafter also looks up where "
                     "the context has no match (default: the profile's, if its search adopted one)")
     ap.add_argument("--no-phrases", action="store_true", help="no phrase table, even the profile's")
@@ -171,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     ssd = SpecDecoder(cfg, sampling, eos, skip=base.mask if drafter != "ngram" else SkipMask(),
                       max_draft=args.max_draft or base.max_draft, adaptive=not args.fixed_threshold, drafter=drafter,
                       ngram_min=ngram[0], ngram_max=ngram[1], ngram_k=ngram[2],  # checks the settings (ValueError)
+                      adaptive_k=base.ngram_adaptive if args.ngram_adaptive is None else args.ngram_adaptive,
                       draft_spec=spec)
-    log(f"drafter {drafter}: skip mask {ssd.skip}, n-gram {ngram[0]}..{ngram[1]} tokens, k={ngram[2]}")
+    log(f"drafter {drafter}: skip mask {ssd.skip}, n-gram {ngram[0]}..{ngram[1]} tokens, k="
+        f"{f'{ngram[2] // 2}..' if ssd.adaptive_k else ''}{ngram[2]}")
     if args.phrases and (args.no_phrases or drafter == "skip" or mesh is not None
                          or (mode == "ar" and not args.compare)):
         raise ValueError("--phrases adds drafts to the n-gram lookup on one device: use it with --drafter ngram or "

@@ -35,6 +35,9 @@ class SearchOptions:
     precisions: tuple[str, ...] = ("float32", "int8", "bfloat16")  # draft weight precisions (draft_model)
     heads: tuple[int, ...] = (0, 16384, 4096)  # draft head widths, most frequent tokens (0: the whole vocabulary)
     ngram: tuple[tuple[int, int, int], ...] = ((2, 4, 4), (2, 4, 8))  # n-gram settings timed (min, max, k)
+    # ... also timed with adaptive k (SpecDecoder.adaptive_k): opt-in, as the timings exclude start-up, where its third
+    # compiled verify width costs 0.2-0.3 s per process on CPU (BENCHMARKS.md "Adaptive k")
+    ngram_adaptive: tuple[tuple[int, int, int], ...] = ()
     hybrid: bool = True  # also time hybrid (n-gram, else the best self-draft)
     n_initial: int = 8  # random points before the GP takes over
     top: int = 3  # best distinct self-drafts (by the proxy) timed end to end
@@ -64,7 +67,7 @@ def search(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], eos_id
     t_start = time.perf_counter()
     L = cfg.n_layers
     heads = tuple(dict.fromkeys(w if w < cfg.vocab_size else 0 for w in opts.heads))
-    toks = fit_prompts(prompts, opts.max_new, max(max(opts.drafts), *(k for _, _, k in opts.ngram)))
+    toks = fit_prompts(prompts, opts.max_new, max(max(opts.drafts), *(k for *_, k in opts.ngram + opts.ngram_adaptive)))
     calib = calibrate(params, cfg, toks, opts.max_new, eos_ids)
     # The narrow heads' tokens: the model's own continuations of the calibration prompts, most frequent first; of
     # the prompts not timed end to end when there are any, so the real timings judge a head on text it was not made
@@ -138,14 +141,16 @@ def search(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], eos_id
         for name in ("none", "every-other-middle"):
             cands.append(cand(next(t for t in trace if t["source"] == name), name))
     best_pred = max(trace, key=lambda t: t["predicted_speedup"])
-    for ng in opts.ngram:
-        label = "ngram" + (" (default)" if ng == DEFAULT.ngram else "") + f" {ng[0]}..{ng[1]} k{ng[2]}"
-        cands.append(Candidate(label, SkipMask(), 12, 0.6, None, "ngram", tuple(ng)))
+    for ng, adaptive in [(ng, False) for ng in opts.ngram] + [(ng, True) for ng in opts.ngram_adaptive]:
+        label = "ngram" + (" (default)" if ng == DEFAULT.ngram and not adaptive else "") + \
+            f" {ng[0]}..{ng[1]} k{ng[2]}" + (" adaptive" if adaptive else "")
+        cands.append(Candidate(label, SkipMask(), 12, 0.6, None, "ngram", tuple(ng), ngram_adaptive=adaptive))
     if opts.hybrid and opts.ngram:
         cands.append(cand(best_pred, f"hybrid ({opts.method}#1)", "hybrid", tuple(opts.ngram[0])))
     unique: dict[tuple[Any, ...], Candidate] = {}
     for c in cands:  # one timing per distinct decoder; labels of duplicates are joined
-        key = tuple(str(v) for v in c.settings.values()) if c.drafter != "ngram" else (c.drafter, c.ngram)
+        key = tuple(str(v) for v in c.settings.values()) if c.drafter != "ngram" else (c.drafter, c.ngram,
+                                                                                         c.ngram_adaptive)
         if key in unique:
             unique[key].label += f"={c.label}"
         else:
@@ -159,8 +164,8 @@ def search(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], eos_id
     selfs = [t for t in measured if t.candidate.drafter == "skip"] or measured
     best_self = max(selfs, key=lambda t: t.speedup)
     adopted = [t for t in measured if t.lossless and adopt([1.0] * len(t.speedups), t.speedups, opts.margin)]
-    incumbent = next((t for t in adopted if t.candidate.drafter == "ngram" and t.candidate.ngram == DEFAULT.ngram),
-                     None)
+    incumbent = next((t for t in adopted if t.candidate.drafter == "ngram" and t.candidate.ngram == DEFAULT.ngram
+                      and not t.candidate.ngram_adaptive), None)
     if incumbent is not None:  # the no-profile default changes only for a drafter that beats it in every round too
         adopted = [t for t in adopted if t is incumbent or adopt(incumbent.speedups, t.speedups, opts.margin)]
     win = max(adopted, key=lambda t: t.speedup) if adopted else max(measured, key=lambda t: t.speedup)
@@ -210,5 +215,6 @@ def search(params: Params, cfg: Config, prompts: Sequence[Sequence[int]], eos_id
     c = win.candidate
     prof = Profile(mask=c.mask if c.drafter != "ngram" else SkipMask(), threshold=c.theta, max_draft=c.max_draft,
                    model_id=model_id(cfg), use_ssd=bool(adopted), drafter=c.drafter, ngram=c.ngram,
+                   ngram_adaptive=c.ngram_adaptive,
                    speedup=round(win.speedup, 4), self_draft=summary(best_self), info=info)
     return SearchResult(prof, trace, timings, report)

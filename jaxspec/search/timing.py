@@ -31,12 +31,14 @@ class Candidate:
     drafter: str = "skip"  # speculative.DRAFTERS
     ngram: tuple[int, int, int] = (2, 4, 8)  # n-gram min, max, k (ngram and hybrid drafters)
     spec: DraftSpec = FULL  # the model draft's precision and head width (skip and hybrid drafters)
+    ngram_adaptive: bool = False  # proposals of k // 2 tokens, k after one with k // 2 accepted (SpecDecoder)
 
     @property
     def settings(self) -> dict[str, Any]:
         """What a profile records to decode like this candidate."""
         return {"drafter": self.drafter, "mask": self.mask.to_json(), "max_draft": self.max_draft,
-                "threshold": self.theta, "ngram": list(self.ngram), "draft": self.spec.to_json()}
+                "threshold": self.theta, "ngram": list(self.ngram), "ngram_adaptive": self.ngram_adaptive,
+                "draft": self.spec.to_json()}
 
 
 @dataclass
@@ -92,7 +94,8 @@ def measure(params: Params, cfg: Config, prompts: list[list[int]], max_new: int,
             copies[c.spec] = with_draft(params, cfg, c.spec, ranking)
         decs.append((SpecDecoder(cfg, sampling, eos_ids, skip=c.mask if c.drafter != "ngram" else SkipMask(),
                                  max_draft=c.max_draft, adaptive=True, drafter=c.drafter, ngram_min=c.ngram[0],
-                                 ngram_max=c.ngram[1], ngram_k=c.ngram[2], draft_spec=c.spec if cheap else None),
+                                 ngram_max=c.ngram[1], ngram_k=c.ngram[2], adaptive_k=c.ngram_adaptive,
+                                 draft_spec=c.spec if cheap else None),
                      copies[c.spec] if cheap else params, {"theta": c.theta}))
     n = len(decs)
     warm = [run(d, p, [prompts[0]], max_new, **kw) for d, p, kw in decs]
