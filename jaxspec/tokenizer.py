@@ -25,17 +25,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jinja2
-import sentencepiece as spm
 import tokenizers
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
 from jaxspec.files import atomic_write
 
 if TYPE_CHECKING:
+    import sentencepiece as spm  # imported where used: 15-20 ms that byte-level (HF tokenizer.json) models skip
     from gguf import GGUFReader
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 __all__ = ["ByteLevelTokenizer", "SentencePieceTokenizer", "StreamDecoder", "Tokenizer"]
 
@@ -122,6 +122,8 @@ class Tokenizer:
             if i is not None
         ]
         if kind == "llama":
+            import sentencepiece as spm
+
             proto = _sentencepiece_proto(
                 tokens,
                 field("tokenizer.ggml.scores") or [0.0] * len(tokens),
@@ -162,6 +164,8 @@ class Tokenizer:
         gen = _read_json(root / "generation_config.json")
         tok: Tokenizer
         if (root / "tokenizer.model").is_file():
+            import sentencepiece as spm
+
             tok = SentencePieceTokenizer(spm.SentencePieceProcessor(model_file=str(root / "tokenizer.model")))
         elif (root / "tokenizer.json").is_file():
             tok = ByteLevelTokenizer(tokenizers.Tokenizer.from_file(str(root / "tokenizer.json")))
@@ -460,6 +464,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _load_proto(sp: spm.SentencePieceProcessor) -> sp_pb2.ModelProto:
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
     proto = sp_pb2.ModelProto()
     proto.ParseFromString(sp.serialized_model_proto())
     return proto
@@ -476,6 +482,8 @@ def _sentencepiece_proto(
     add_dummy_prefix: bool,
 ) -> sp_pb2.ModelProto:
     """A sentencepiece BPE ``ModelProto`` equivalent to LLaMA-2's ``tokenizer.model``, from a GGUF vocabulary."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
     proto = sp_pb2.ModelProto()
     trainer = proto.trainer_spec
     trainer.model_type = sp_pb2.TrainerSpec.BPE

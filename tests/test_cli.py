@@ -206,17 +206,18 @@ def test_drafter_skip_uses_the_shipped_profiles_self_draft(files, tmp_path, caps
     self_draft = {"mask": {"attn": [1], "mlp": [2]}, "threshold": 0.5, "max_draft": 3, "speedup": 0.8,
                   "draft": {"precision": "int8", "head": 1000, "min_rows": 0}}
     save_profile(shipped / "tiny.json", Profile(mask=SkipMask(), drafter="ngram", ngram=(2, 3, 5), speedup=1.2,
-                                                model_id=model_id(CFG), self_draft=self_draft))
+                                                ngram_adaptive=True, model_id=model_id(CFG), self_draft=self_draft))
     monkeypatch.setattr(profile, "SHIPPED", shipped)
     base = ["--ckpt", str(files["ckpt"]), "--prompt", "one two one two one", "--max-new-tokens", "12", "--json",
             "--verbose"]
     assert cli.run(script("generate"), base) == 0
     out, err = capsys.readouterr()
-    assert json.loads(out.splitlines()[-1])["stats"]["drafter"] == "ngram" and "n-gram 2..3 tokens, k=5" in err
-    assert cli.run(script("generate"), [*base, "--mode", "ssd", "--drafter", "skip", "--compare"]) == 0
+    assert json.loads(out.splitlines()[-1])["stats"]["drafter"] == "ngram" and "n-gram 2..3 tokens, k=2..5" in err
+    assert cli.run(script("generate"), [*base, "--mode", "ssd", "--drafter", "skip", "--compare",
+                                        "--no-ngram-adaptive"]) == 0
     out, err = capsys.readouterr()
     stats = json.loads(out.splitlines()[-1])["stats"]
-    assert stats["drafter"] == "skip" and stats["identical"], stats
+    assert stats["drafter"] == "skip" and stats["identical"] and "n-gram 2..3 tokens, k=5\n" in err, stats
     assert f"skip mask {SkipMask(attn=(1,), mlp=(2,))}" in err and "draft: int8, head 1000" in err, err
 
 
@@ -298,11 +299,15 @@ cli.exit(3)
 
 def test_import_jax_skips_etils_epath_yet_orbax_can_import_it() -> None:
     """``cli.import_jax``: jax comes up on ``pathlib`` (no ``etils.epath`` imported), and ``etils.epath`` still
-    imports afterwards for orbax, which needs it."""
+    imports afterwards for orbax, which needs it; the narrowed ``importlib.metadata.distributions`` is restored."""
     code = """
+import importlib.metadata as md
 import sys
+every = md.distributions
 from jaxspec import cli
 cli.import_jax()
+import jax
+assert md.distributions is every and jax.devices()
 from jax._src import path
 print("epath" if "etils.epath" in sys.modules else "none", path.epath_installed)
 from etils import epath

@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 
@@ -78,11 +78,25 @@ def import_jax() -> None:
     checkpoint is read or written through it."""
     if "jax" in sys.modules or "etils.epath" in sys.modules:
         return
+    import importlib.metadata as md
+
+    every = md.distributions
+
+    def rocm_named(**kw: Any) -> Iterator[md.Distribution]:
+        """While jax imports, it reads the metadata of every installed distribution to find a ROCm plugin (~80 here):
+        only jax's own (dist-info folders named jax*: plugins included) and those of unknown kind are listed."""
+        for d in every(**kw):
+            folder = getattr(d, "_path", None)
+            if folder is None or folder.name.lower().startswith("jax"):
+                yield d
+
     sys.modules["etils.epath"] = None  # type: ignore[assignment]  # ``from etils import epath`` raises ImportError
+    md.distributions = rocm_named  # type: ignore[assignment]
     try:
         import jax  # noqa: F401
     finally:
         del sys.modules["etils.epath"]
+        md.distributions = every
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
