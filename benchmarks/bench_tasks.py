@@ -179,6 +179,13 @@ def main() -> None:
                     "isolated forward(T) and an AR step")
     ap.add_argument("--widths", default="1,2,3,5,9", help="verify widths T of --verify-cost")
     args = ap.parse_args()
+    ngram_sets = []  # (label, min, max, k, adaptive), checked before the model loads
+    for spec in args.ngram_set:
+        lo, hi, k, *adaptive = spec.split(",")
+        if adaptive not in ([], ["adaptive"]) or not (lo + hi + k).isdigit():
+            ap.error(f"--ngram-set takes MIN,MAX,K or MIN,MAX,K,adaptive, got {spec!r}")
+        ngram_sets.append((f"ngram {lo}..{hi} k={k}{' adaptive' if adaptive else ''}", int(lo), int(hi), int(k),
+                           bool(adaptive)))
 
     cfg, params, tok = load(args.ckpt, fast_cache=fast_cache_dir())  # as generate.py loads them
     print(f"## {args.ckpt}: {jax.devices()[0].device_kind}, {os.cpu_count()} cores, {cfg.dtype}, load average "
@@ -199,11 +206,9 @@ def main() -> None:
         if args.adaptive_k:
             decs[f"{d} adaptive k"] = SpecDecoder(cfg, eos_ids=eos, skip=mask, drafter=d, ngram_k=args.ngram_k,
                                                   adaptive_k=True)
-    for spec in args.ngram_set:
-        lo, hi, k, *adaptive = spec.split(",")
-        decs[f"ngram {lo}..{hi} k={k}{' adaptive' if adaptive else ''}"] = SpecDecoder(
-            cfg, eos_ids=eos, drafter="ngram", ngram_min=int(lo), ngram_max=int(hi), ngram_k=int(k),
-            adaptive_k=adaptive == ["adaptive"])
+    for label, lo, hi, k, adaptive in ngram_sets:
+        decs[label] = SpecDecoder(cfg, eos_ids=eos, drafter="ngram", ngram_min=lo, ngram_max=hi, ngram_k=k,
+                                  adaptive_k=adaptive)
     pars = dict.fromkeys(decs, params)
     for path in args.phrases:
         table, tag = params.replace(phrases=phrases.load(path, cfg.vocab_size)), Path(path).name.split(".")[0]

@@ -75,14 +75,15 @@ def import_jax() -> None:
     """Import jax without ``etils.epath``, which jax prefers to ``pathlib`` for its cache paths wherever it is
     installed (orbax brings it): importing it, testing helpers and all, took 50-70 ms of every command here
     (BENCHMARKS.md, "Short prompts"). jaxspec's paths are local; orbax imports ``etils.epath`` itself when a
-    checkpoint is read or written through it."""
+    checkpoint is read or written through it. Meanwhile ``importlib.metadata.distributions`` lists jax's own
+    distributions only (``jax_named``), then is restored."""
     if "jax" in sys.modules or "etils.epath" in sys.modules:
         return
     import importlib.metadata as md
 
     every = md.distributions
 
-    def rocm_named(**kw: Any) -> Iterator[md.Distribution]:
+    def jax_named(**kw: Any) -> Iterator[md.Distribution]:
         """While jax imports, it reads the metadata of every installed distribution to find a ROCm plugin (~80 here):
         only jax's own (dist-info folders named jax*: plugins included) and those of unknown kind are listed."""
         for d in every(**kw):
@@ -91,7 +92,7 @@ def import_jax() -> None:
                 yield d
 
     sys.modules["etils.epath"] = None  # type: ignore[assignment]  # ``from etils import epath`` raises ImportError
-    md.distributions = rocm_named  # type: ignore[assignment]
+    md.distributions = jax_named  # type: ignore[assignment]
     try:
         import jax  # noqa: F401
     finally:
