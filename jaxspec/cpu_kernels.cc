@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cmath>
+#include <initializer_list>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -451,10 +452,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxspecMatmulNT, MatmulNT,
 
 // ---------------------------------------------------------------------------------------------------------------
 // Attention of a few query tokens over the cache (decode steps, verifies): q (B, T, KV, G, D), k and v (B, S, KV, D),
-// positions (B, T); query (b, t) sees keys [0, positions[b, t]]. One (b, t, kv head) item at a time: its G query
-// heads' scores against the live keys (an NT product), a softmax, the probabilities times V (an NN product), so
-// one call replaces the ~10 small XLA kernels per layer of the jnp version and reads only the live keys. Items are
-// independent, so a query gets the same bits in any chunk.
+// positions (B, T); query (b, t) sees keys [0, positions[b, t]]. The cache is cut into chunks of kKeyChunk keys at
+// fixed positions, and a work item is one chunk of one batch row for all its queries and KV heads (one contiguous
+// stretch of the cache, read from memory once): per (query, head), the scores of the G query heads, their softmax
+// within the chunk (its maximum m and sum l kept) and o = probabilities @ V. Whoever finishes a (query, head)'s last
+// chunk combines its chunks in chunk order: out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c. A query's
+// arithmetic thus depends on its own position only: it gets the same bits in any chunk of queries and on any number
+// of threads. A decode step at a 2k context is 32 items that both cores share; one item per (query, head), as
+// before, gave the 2 cores 3 items (one idle half the time), each a strided walk through the cache.
 
 // exp for x <= 0 (x - max in a softmax), to ~2 ulp: Cody-Waite reduction by ln 2, Cephes' degree-6 polynomial.
 static inline v16 exp_neg(v16 x) {
@@ -477,54 +482,163 @@ static inline v16 exp_neg(v16 x) {
   return p * scale;
 }
 
+#ifdef __AVX512F__
+// (x0 + x1, x2 + x3, ..., y0 + y1, y2 + y3, ...): the pairwise sums of x's lanes, then of y's.
+static inline v16 pair_sums(v16 x, v16 y) {
+  return __builtin_shufflevector(x, y, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(x, y, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+#endif
+
+// Lane j of the result: the sum of a[j]'s lanes, for kLanes vectors a (overwritten); each the same pairwise tree,
+// ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)) with 8 lanes.
+static inline v16 lane_sums(v16* a) {
+#if !defined(__AVX512F__)
+  // 8 lanes: pair sums within each 128-bit half (one-instruction shuffles), then the halves added across.
+  auto hadd = [](v16 x, v16 y) {
+    return __builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) +
+           __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15);
+  };
+  const v16 lo = hadd(hadd(a[0], a[1]), hadd(a[2], a[3])), hi = hadd(hadd(a[4], a[5]), hadd(a[6], a[7]));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
+#else
+  for (int w = kLanes; w > 1; w /= 2)
+    for (int i = 0; i < w / 2; ++i) a[i] = pair_sums(a[2 * i], a[2 * i + 1]);
+  return a[0];
+#endif
+}
+
+constexpr int64_t kKeyChunk = 8 * kLanes;  // keys per work item (64 with AVX2): a multiple of kLanes
+
 struct Attention {
   const float *q, *k, *v;
   const int32_t* pos;
   float* out;
   int64_t B, T, KV, G, D, S;
+  const int64_t* items;  // per item: its batch row and chunk
+  int64_t items_n;
+  const int64_t* first;  // per query row: its first chunk's slot in part
+  int32_t* left;         // per query row: chunks not yet done
+  float* part;           // per slot: o (G, D), then m (G), then l (G)
+  int64_t P;             // floats per slot
 };
 
-static void attend_item(const Attention& a, int64_t item, std::vector<float>& buf) {
-  const int64_t h = item % a.KV, bt = item / a.KV, b = bt / a.T;
-  const int64_t n = std::clamp<int64_t>(a.pos[bt] + 1, 0, a.S), np = (n + kLanes - 1) / kLanes * kLanes;
-  const int64_t G = a.G, D = a.D, ld = a.KV * D;
-  const float* q = a.q + (bt * a.KV + h) * G * D;
-  const float* k = a.k + (b * a.S * a.KV + h) * D;
-  const float* v = a.v + (b * a.S * a.KV + h) * D;
-  float* out = a.out + (bt * a.KV + h) * G * D;
-  if (static_cast<int64_t>(buf.size()) < G * np) buf.resize(G * np);
-  float* s = buf.data();
-  nt_cols(q, G, D, D, k, ld, s, np, 0, n);  // scores (G, n), rows np apart
-  const v16 root = splat(std::sqrt(static_cast<float>(D)));
+// Query row qi's chunks combined, in chunk order, into its output.
+static void attend_combine(const Attention& a, int64_t qi, int64_t n) {
+  const int64_t G = a.G, D = a.D, chunks = (n + kKeyChunk - 1) / kKeyChunk;
+  const float* part = a.part + a.first[qi] * a.P;
+  float* out = a.out + qi * G * D;
   for (int64_t g = 0; g < G; ++g) {
-    float* sg = s + g * np;
-    for (int64_t j = n; j < np; ++j) sg[j] = -3.0e38f;
-    v16 mv = splat(-3.0e38f);
-    for (int64_t j = 0; j < np; j += kLanes) {
-      const v16 x = load(sg + j) / root;
-      store(sg + j, x);
-      mv = x > mv ? x : mv;
+    float M = -3.0e38f;
+    for (int64_t c = 0; c < chunks; ++c) M = std::max(M, part[c * a.P + G * D + g]);
+    float L = 0.f;
+    float* o = out + g * D;
+    std::fill(o, o + D, 0.f);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* pc = part + c * a.P;
+      const float w = std::exp(pc[G * D + g] - M);
+      L += w * pc[G * D + G + g];
+      for (int64_t d = 0; d < D; ++d) o[d] += w * pc[g * D + d];
     }
-    float m = -3.0e38f;
-    for (int i = 0; i < kLanes; ++i) m = std::max(m, mv[i]);
-    v16 sum = v16{};
-    for (int64_t j = 0; j < np; j += kLanes) {
-      v16 e = exp_neg(load(sg + j) - splat(m));
-      if (j + kLanes > n)
-        for (int i = 0; i < kLanes; ++i) e[i] = j + i < n ? e[i] : 0.f;
-      store(sg + j, e);
-      sum += e;
-    }
-    const v16 inv = splat(1.0f / hsum(sum));
-    for (int64_t j = 0; j < np; j += kLanes) store(sg + j, load(sg + j) * inv);
+    const float inv = 1.0f / L;
+    for (int64_t d = 0; d < D; ++d) o[d] *= inv;
   }
-  nn(s, G, n, np, v, ld, D, out, D);  // (G, n) @ (n, D): the live values only
+}
+
+// Scores of one query (D floats, pre-scaled) against kLanes keys whose rows start at kp[i]: lane i, the dot with
+// key i, lane-wise partial sums over D then a pairwise tree (whatever the other keys are).
+static inline v16 key_dots(const float* q, const float* const* kp, int64_t D) {
+  const int64_t DL = D / kLanes * kLanes;
+  v16 acc[kLanes];
+  for (int i = 0; i < kLanes; ++i) acc[i] = v16{};
+  for (int64_t d = 0; d < DL; d += kLanes) {
+    const v16 qv = load(q + d);
+    for (int i = 0; i < kLanes; ++i) acc[i] = fma(qv, load(kp[i] + d), acc[i]);
+  }
+  v16 x = lane_sums(acc);
+  if (DL < D)
+    for (int i = 0; i < kLanes; ++i)
+      for (int64_t d = DL; d < D; ++d) x[i] += q[d] * kp[i][d];
+  return x;
+}
+
+// Item (b, c): chunk c (keys j0 .. j0 + kKeyChunk - 1) for every query of batch row b that sees it and every KV
+// head: per query row, the scores of its G query heads, their softmax within the chunk (maximum m, sum l) and
+// o = probabilities @ values, into the row's slot; a row's last chunk to finish combines them. Scores go key block by
+// key block over all heads (each block's keys are one contiguous stretch of the cache).
+static void attend_item(const Attention& a, int64_t item, std::vector<float>& buf) {
+  const int64_t b = a.items[2 * item], c = a.items[2 * item + 1], j0 = c * kKeyChunk;
+  const int64_t KV = a.KV, G = a.G, D = a.D, ld = KV * D, H = KV * G;
+  const float* k = a.k + (b * a.S + j0) * ld;
+  const float* v = a.v + (b * a.S + j0) * ld;
+  if (static_cast<int64_t>(buf.size()) < H * (kKeyChunk + D)) buf.resize(H * (kKeyChunk + D));
+  float *s = buf.data(), *qs = s + H * kKeyChunk;  // scores (H, kKeyChunk); queries / sqrt(D) (H, D)
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  typedef int32_t i16 __attribute__((vector_size(4 * kLanes)));
+  i16 iota;
+  for (int i = 0; i < kLanes; ++i) iota[i] = i;
+  for (int64_t t = 0; t < a.T; ++t) {
+    const int64_t bt = b * a.T + t, n = std::clamp<int64_t>(a.pos[bt] + 1, 0, a.S);
+    if (n <= j0) continue;
+    const int64_t m = std::min(kKeyChunk, n - j0), mp = (m + kLanes - 1) / kLanes * kLanes;
+    const float* q = a.q + bt * H * D;
+    for (int64_t i = 0; i < H * D; ++i) qs[i] = q[i] * scale;
+    for (int64_t j = 0; j < mp; j += kLanes) {
+      const float* kp[kLanes];
+      for (int i = 0; i < kLanes; ++i) kp[i] = k + std::min(j + i, m - 1) * ld;  // past m: a live key, masked
+      if (t == 0) {  // this block's values, and the next chunk's block of keys (a thread's next item, mostly)
+        const bool next = j0 + kKeyChunk + j + kLanes <= a.S;
+        for (int64_t off = 0; off < kLanes * ld; off += 64 / sizeof(float)) {
+          __builtin_prefetch(v + j * ld + off);
+          if (next) __builtin_prefetch(k + (kKeyChunk + j) * ld + off);
+        }
+      }
+      for (int64_t h = 0; h < KV; ++h) {
+        const float* kh[kLanes];
+        for (int i = 0; i < kLanes; ++i) kh[i] = kp[i] + h * D;
+        for (int64_t g = 0; g < G; ++g) {
+          v16 x = key_dots(qs + (h * G + g) * D, kh, D);
+          if (j + kLanes > m) {
+            const i16 live = iota + static_cast<int32_t>(j) < static_cast<int32_t>(m);
+            x = live ? x : splat(-3.0e38f);
+          }
+          store(s + (h * G + g) * kKeyChunk + j, x);
+        }
+      }
+    }
+    for (int64_t h = 0; h < KV; ++h) {
+      const int64_t qi = bt * KV + h;
+      float* part = a.part + (a.first[qi] + c) * a.P;
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = s + (h * G + g) * kKeyChunk;
+        v16 mv = splat(-3.0e38f);
+        for (int64_t j = 0; j < mp; j += kLanes) mv = load(sg + j) > mv ? load(sg + j) : mv;
+        float mx = -3.0e38f;
+        for (int i = 0; i < kLanes; ++i) mx = std::max(mx, mv[i]);
+        v16 sum = v16{};
+        for (int64_t j = 0; j < mp; j += kLanes) {
+          v16 e = exp_neg(load(sg + j) - splat(mx));
+          if (j + kLanes > m) {
+            const i16 live = iota + static_cast<int32_t>(j) < static_cast<int32_t>(m);
+            e = live ? e : v16{};
+          }
+          store(sg + j, e);
+          sum += e;
+        }
+        part[G * D + g] = mx;
+        part[G * D + G + g] = hsum(sum);
+      }
+      nn(s + h * G * kKeyChunk, G, m, kKeyChunk, v + h * D, ld, D, part, D);  // o (G, D) = e (G, m) @ V (m, D)
+      if (std::atomic_ref<int32_t>(a.left[qi]).fetch_sub(1, std::memory_order_acq_rel) == 1) attend_combine(a, qi, n);
+    }
+  }
 }
 
 static void attend_part(void* ctx, int part, int parts) {
   const Attention& a = *static_cast<const Attention*>(ctx);
   static thread_local std::vector<float> buf;
-  const int64_t items = a.B * a.T * a.KV;
+  const int64_t items = a.items_n;
   for (int64_t i = items * part / parts; i < items * (part + 1) / parts; ++i) attend_item(a, i, buf);
 }
 
@@ -534,11 +648,32 @@ static ffi::Error Attend(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::
   if (qd.size() != 5 || kd.size() != 4 || pd.size() != 2 || kd[0] != qd[0] || kd[2] != qd[2] || kd[3] != qd[4] ||
       pd[0] != qd[0] || pd[1] != qd[1] || v.dimensions() != kd)
     return ffi::Error::InvalidArgument("jaxspec_attend: q (B, T, KV, G, D), k/v (B, S, KV, D), positions (B, T)");
-  Attention a{q.typed_data(), k.typed_data(), v.typed_data(), pos.typed_data(), out->typed_data(),
-              qd[0], qd[1], qd[2], qd[3], qd[4], kd[1]};
-  const int64_t items = a.B * a.T * a.KV;
-  if (items == 0) return ffi::Error::Success();  // no queries: nothing to split (and no part to divide by)
-  pool().Run(attend_part, &a, static_cast<int>(std::min<int64_t>(items, pool().threads())));
+  const int64_t B = qd[0], T = qd[1], KV = qd[2], G = qd[3], D = qd[4], S = kd[1], rows = B * T * KV;
+  static thread_local std::vector<int64_t> items, first;
+  static thread_local std::vector<int32_t> left;
+  static thread_local std::vector<float> part;
+  first.assign(rows + 1, 0);
+  left.assign(rows, 0);
+  items.clear();
+  const int32_t* p = pos.typed_data();
+  auto chunks = [&](int64_t bt) { return (std::clamp<int64_t>(p[bt] + 1, 0, S) + kKeyChunk - 1) / kKeyChunk; };
+  for (int64_t qi = 0; qi < rows; ++qi) {
+    left[qi] = static_cast<int32_t>(chunks(qi / KV));
+    first[qi + 1] = first[qi] + left[qi];
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t most = 0;
+    for (int64_t t = 0; t < T; ++t) most = std::max(most, chunks(b * T + t));
+    for (int64_t c = 0; c < most; ++c) items.insert(items.end(), {b, c});
+  }
+  const int64_t P = G * D + 2 * G;
+  if (static_cast<int64_t>(part.size()) < first[rows] * P) part.resize(first[rows] * P);
+  Attention a{q.typed_data(), k.typed_data(), v.typed_data(), p, out->typed_data(), B, T, KV, G, D, S,
+              items.data(), static_cast<int64_t>(items.size() / 2), first.data(), left.data(), part.data(), P};
+  for (int64_t qi = 0; qi < rows; ++qi)  // no live key (a position below 0): zeros
+    if (left[qi] == 0) std::fill(a.out + qi * G * D, a.out + (qi + 1) * G * D, 0.f);
+  if (first[rows] == 0) return ffi::Error::Success();
+  pool().Run(attend_part, &a, static_cast<int>(std::min<int64_t>(a.items_n, pool().threads())));
   return ffi::Error::Success();
 }
 

@@ -8,8 +8,10 @@ which is what made a verify cost several decode steps here. ``matmul``/``matmul_
 kernel that streams each tile once with its sums in registers: a 9-row verify's products then cost ~1.2 decode
 steps' instead of ~1.5 (the (K, N) kernel's panels stream 8 rows at once and reload their sums). ``attend`` does a
 layer's attention core of a few query tokens in one call over the live keys only (the jnp version is ~10 small XLA
-kernels per layer over the whole cache window). Every output element is computed in one fixed order whatever the
-row count, so a T-token verify computes bit for bit what T decode steps compute.
+kernels per layer over the whole cache window), in chunks of 64 keys that both cores share (1.5-1.7x faster than
+one work item per KV head at 1-3.5k contexts: BENCHMARKS.md, "Attention in key chunks"). Every output element is
+computed in one fixed order whatever the row count, so a T-token verify computes bit for bit what T decode steps
+compute.
 
 The kernels are compiled on first use with the machine's C++ compiler (``g++``/``c++``, ``-march=native``) into
 ``$JAXSPEC_CACHE/kernels`` and registered with XLA as FFI targets. Without a compiler, on other backends, for other

@@ -89,16 +89,19 @@ def test_derivatives_go_through_xla_dots() -> None:
 
 
 @pytest.mark.parametrize("B,T,KV,G,D,S", [(1, 1, 3, 3, 64, 256), (2, 5, 3, 3, 64, 256), (1, 9, 2, 2, 16, 37),
-                                          (3, 2, 1, 4, 8, 5), (1, 32, 2, 1, 24, 70)])
+                                          (3, 2, 1, 4, 8, 5), (1, 32, 2, 1, 24, 70), (2, 12, 3, 3, 64, 300)])
 def test_attention_matches_the_jnp_core_and_each_query_alone(B: int, T: int, KV: int, G: int, D: int, S: int) -> None:
-    """Positions anywhere in the window (first and last slot included); a query's output does not depend on the
-    other queries of its chunk, bit for bit."""
+    """Positions anywhere in the window (first and last slot included; with 12 queries, each side of the kernel's
+    key-chunk edges, 64 or 128 keys apart); a query's output does not depend on the other queries of its chunk, bit
+    for bit."""
     from jaxspec.model import attend, attend_jnp
 
     rng = np.random.default_rng(B * T * S)
     q, k, v = rand(rng, B, T, KV, G, D), rand(rng, B, S, KV, D), rand(rng, B, S, KV, D)
     pos = rng.integers(0, S, (B, T)).astype(np.int32)
     pos[0, 0], pos[-1, -1] = 0, S - 1
+    if T >= 12:
+        pos[0, 1:11] = [62, 63, 64, 127, 128, 129, 191, 255, 256, 257]
     assert uses_kernel(attend, q, k, v, pos, target="jaxspec_attend")
     got = np.asarray(jax.jit(attend)(q, k, v, pos))
     np.testing.assert_allclose(got, np.asarray(jax.jit(attend_jnp)(q, k, v, pos)), rtol=2e-5, atol=2e-6)
