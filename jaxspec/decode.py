@@ -93,10 +93,14 @@ class Decoder:
         return None
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """The empty cache ``prefill`` fills (``sharding.MeshDecoder`` builds it sharded), zeros made on the host and
-        put on the device (no compilation on a warm start)."""
-        shapes = jax.eval_shape(lambda: KVCache.create(self.cfg, batch, max_len))
-        return jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)), shapes)
+        """The empty cache ``prefill`` fills (``sharding.MeshDecoder`` builds it sharded): zeros made on the host and
+        put on the device in one call, no tracing or compilation (4 ms for SmolLM2's 61 arrays; 16 ms through
+        ``eval_shape`` and one transfer each). One host array per device array: on CPU the transfer aliases it."""
+        cfg, n = self.cfg, self.cfg.n_layers
+        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        dt = jnp.dtype(cfg.dtype)
+        arrays = jax.device_put([np.zeros(shape, dt) for _ in range(2 * n)] + [np.zeros((batch,), np.int32)])
+        return KVCache(k=tuple(arrays[:n]), v=tuple(arrays[n : 2 * n]), lengths=arrays[-1])
 
     def prefill_cache(self, params: Params, tokens: Array, cache: KVCache, lengths: Array, fresh: bool = False
                       ) -> tuple[Array, KVCache]:
@@ -331,7 +335,7 @@ def _copy(state: State) -> State:
 def commit(state: State) -> State:
     """Commit every array to its device: jit keys its executable cache on committedness, and the loop's own outputs
     are committed, so uncommitted inputs would compile (and lazily JIT kernels) a second time."""
-    return jax.tree.map(lambda x: jax.device_put(x, x.sharding), state)
+    return jax.device_put(state, jax.tree.map(lambda x: x.sharding, state))  # one call for all (2.6 -> 1.1 ms)
 
 
 @dataclass

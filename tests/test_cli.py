@@ -317,3 +317,16 @@ print(epath.Path("x").name)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["none", "False", "x"]
+
+
+def test_generate_imports_with_the_collector_paused_and_leaves_it_on() -> None:
+    """``generate``'s imports run with garbage collection paused, and it is on again afterwards, with the imported
+    objects frozen out of its scans."""
+    code = """
+import gc
+import jaxspec.cli.generate
+print(gc.isenabled(), gc.get_freeze_count() > 10000)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["True", "True"]

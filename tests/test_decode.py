@@ -163,3 +163,17 @@ def test_new_key_is_jax_random_key(seed):
     from jaxspec.decode import new_key
 
     assert jax.random.key_data(new_key(seed)).tolist() == jax.random.key_data(jax.random.key(seed)).tolist()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_new_cache_is_zeros_of_create_s_tree_in_distinct_buffers(dtype):
+    """``new_cache`` builds what ``KVCache.create`` does without tracing; each array its own buffer (the decode loop
+    writes the cache in place, and a CPU transfer of one host array would alias every array made from it)."""
+    cfg = CFG.replace(dtype=dtype)
+    cache = Decoder(cfg).new_cache(2, 48)
+    want = KVCache.create(cfg, 2, 48)
+    assert jax.tree.structure(cache) == jax.tree.structure(want)
+    for got, ref in zip(jax.tree.leaves(cache), jax.tree.leaves(want), strict=True):
+        assert got.shape == ref.shape and got.dtype == ref.dtype and not np.asarray(got.astype(jnp.float32)).any()
+    pointers = {a.unsafe_buffer_pointer() for a in jax.tree.leaves(cache)}
+    assert len(pointers) == len(jax.tree.leaves(cache))
