@@ -46,6 +46,8 @@ def main() -> None:
                     help="generate.py's --mode (default: none given, what a user gets with no flags)")
     ap.add_argument("--against", type=Path, help="another jaxspec checkout: its warm runs alternate with these")
     args = ap.parse_args()
+    if args.against and not (args.against / "scripts" / "generate.py").is_file():
+        ap.error(f"--against {args.against}: not a jaxspec checkout (no scripts/generate.py)")
     trees = [GENERATE.parents[1]] + ([args.against.resolve()] if args.against else [])
     flags = ["--ckpt", args.ckpt, "--chat", "--prompt", args.prompt, "--max-new-tokens", str(args.max_new_tokens),
              "--json"] + ([] if args.mode == "default" else ["--mode", args.mode])

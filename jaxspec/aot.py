@@ -100,8 +100,8 @@ def key(fn: Callable, args: Sequence[Any], static: tuple[int, ...]) -> str | Non
 
 @lru_cache(maxsize=4096)
 def _leaf(shape: tuple[int, ...], dtype: Any, weak_type: bool, sharding: Any, committed: bool) -> str:
-    """An array leaf's part of a key: formatting it costs ~12 us, a look-up ~3 (``run``'s ~600 leaves: 7 -> 2 ms
-    per call)."""
+    """An array leaf's part of a key: formatting it costs ~12 us, a look-up ~3 (the decode loop's ~620 leaves:
+    5.1 -> 1.3 ms per call)."""
     return f"{shape}{dtype}{weak_type}{sharding}{committed}"
 
 

@@ -96,9 +96,7 @@ class Decoder:
         """The empty cache ``prefill`` fills (``sharding.MeshDecoder`` builds it sharded): zeros made on the host and
         put on the device in one call, no tracing or compilation (4 ms for SmolLM2's 61 arrays; 16 ms through
         ``eval_shape`` and one transfer each). One host array per device array: on CPU the transfer aliases it."""
-        cfg, n = self.cfg, self.cfg.n_layers
-        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-        dt = jnp.dtype(cfg.dtype)
+        n, shape, dt = self.cfg.n_layers, KVCache.layer_shape(self.cfg, batch, max_len), jnp.dtype(self.cfg.dtype)
         arrays = jax.device_put([np.zeros(shape, dt) for _ in range(2 * n)] + [np.zeros((batch,), np.int32)])
         return KVCache(k=tuple(arrays[:n]), v=tuple(arrays[n : 2 * n]), lengths=arrays[-1])
 

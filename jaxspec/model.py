@@ -197,9 +197,14 @@ class KVCache:
     def max_len(self) -> int:
         return self.k[0].shape[1]
 
+    @staticmethod
+    def layer_shape(cfg: Config, batch: int, max_len: int) -> tuple[int, int, int, int]:
+        """One layer's K (or V): (batch, max_len, kv_heads, head_dim)."""
+        return batch, max_len, cfg.n_kv_heads, cfg.head_dim
+
     @classmethod
     def create(cls, cfg: Config, batch: int, max_len: int) -> KVCache:
-        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        shape = cls.layer_shape(cfg, batch, max_len)
         k = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layers))
         v = tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.n_layers))
         return cls(k=k, v=v, lengths=jnp.zeros((batch,), jnp.int32))
