@@ -549,10 +549,10 @@ def load_checkpoint(path: str | Path, dtype: str | None = None, shardings: Shard
             raise CheckpointError(f"{path / 'tokenizer'}: unreadable tokenizer ({_line(e)})") from e
     packed = {n: flat.pop(n) for n in [n for n in flat if n.startswith(PACKED_PREFIX)]}
     params = params_from_flat(cfg, flat)
+    if set(Layer.__dataclass_fields__) <= set(stacked):  # the copy's layers, also stacked over the same memory
+        params = params.replace(stacked=Layer(**{k: stacked[k] for k in Layer.__dataclass_fields__}))
     if packed:
-        params = pack(params, packed)
-    if set(stacked) == set(Layer.__dataclass_fields__):  # the copy's layers, also stacked over the same memory
-        params = params.replace(stacked=Layer(**stacked))
+        params = pack(params, packed, stacked)
     return cfg.replace(dtype=dtype), params, tokenizer
 
 

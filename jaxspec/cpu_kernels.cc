@@ -391,8 +391,9 @@ static void solve(void* ctx, int part, int parts) {
   }
 }
 
+// layer >= 0: each weight has a leading layer axis (a scan over stacked layers) and layer `layer` is read in place.
 static ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws, ffi::RemainingRets ys, bool nt,
-                         bool packed = false) {
+                         bool packed = false, int64_t layer = -1) {
   auto xd = x.dimensions();
   if (xd.size() != 2 || ws.size() != ys.size() || ws.size() < 1 || ws.size() > kMaxMats)
     return ffi::Error::InvalidArgument("jaxspec_matmul: x (R, K) and 1-4 weights, one output each");
@@ -404,6 +405,12 @@ static ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws, ffi::Re
     if (w.has_error() || y.has_error()) return ffi::Error::InvalidArgument("jaxspec_matmul: float32 buffers only");
     auto wd = w->dimensions();
     auto yd = (*y)->dimensions();
+    int64_t offset = 0;
+    if (layer >= 0) {
+      if (wd.size() < 1 || layer >= wd[0]) return ffi::Error::InvalidArgument("jaxspec_matmul: layer out of range");
+      offset = layer * (w->element_count() / wd[0]);
+      wd = wd.last(wd.size() - 1);
+    }
     if (packed) {
       if (wd.size() != 3 || wd[1] != p.K || wd[2] != kTile || yd.size() != 2 || yd[0] != p.R ||
           (yd[1] + kTile - 1) / kTile != wd[0])
@@ -411,7 +418,7 @@ static ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws, ffi::Re
     } else if (wd.size() != 2 || (nt ? wd[1] : wd[0]) != p.K) {
       return ffi::Error::InvalidArgument("jaxspec_matmul: weights must be 2-D with x's contracting size");
     }
-    p.w[m] = w->typed_data();
+    p.w[m] = w->typed_data() + offset;
     p.y[m] = (*y)->typed_data();
     p.N[m] = packed ? yd[1] : nt ? wd[0] : wd[1];
     size += p.K * p.N[m];
@@ -443,6 +450,20 @@ static ffi::Error MatmulPacked(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws, f
   return Matmul(x, ws, ys, false, true);
 }
 
+static ffi::Error MatmulPackedAt(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs ws,
+                                 ffi::RemainingRets ys) {
+  if (layer.element_count() != 1) return ffi::Error::InvalidArgument("jaxspec_matmul_packed_at: scalar layer");
+  const int32_t i = *layer.typed_data();
+  if (i < 0) return ffi::Error::InvalidArgument("jaxspec_matmul_packed_at: layer out of range");
+  return Matmul(x, ws, ys, false, true, i);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxspecMatmulPackedAt, MatmulPackedAt,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxspecMatmulPacked, MatmulPacked,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxspecMatmulNN, MatmulNN,
@@ -451,8 +472,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxspecMatmulNT, MatmulNT,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets());
 
 // ---------------------------------------------------------------------------------------------------------------
-// Attention of a few query tokens over the cache (decode steps, verifies): q (B, T, KV, G, D), k and v (B, S, KV, D),
-// positions (B, T); query (b, t) sees keys [0, positions[b, t]]. The cache is cut into chunks of kKeyChunk keys at
+// Attention of a few query tokens over one layer of the cache (decode steps, verifies): q (B, T, KV, G, D), k and v
+// (B, S, KV, D) (the layer's slice of the stacked cache, read in place), positions (B, T); query (b, t) sees keys
+// [0, positions[b, t]]. The cache is cut into chunks of kKeyChunk keys at
 // fixed positions, and a work item is one chunk of one batch row for all its queries and KV heads (one contiguous
 // stretch of the cache, read from memory once): per (query, head), the scores of the G query heads, their softmax
 // within the chunk (its maximum m and sum l kept) and o = probabilities @ V. Whoever finishes a (query, head)'s last
@@ -642,12 +664,18 @@ static void attend_part(void* ctx, int part, int parts) {
   for (int64_t i = items * part / parts; i < items * (part + 1) / parts; ++i) attend_item(a, i, buf);
 }
 
-static ffi::Error Attend(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                         ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> out) {
-  auto qd = q.dimensions(), kd = k.dimensions(), pd = pos.dimensions();
-  if (qd.size() != 5 || kd.size() != 4 || pd.size() != 2 || kd[0] != qd[0] || kd[2] != qd[2] || kd[3] != qd[4] ||
-      pd[0] != qd[0] || pd[1] != qd[1] || v.dimensions() != kd)
-    return ffi::Error::InvalidArgument("jaxspec_attend: q (B, T, KV, G, D), k/v (B, S, KV, D), positions (B, T)");
+// k and v are the stacked cache (layers, B, S, KV, D); layer `layer` (a scalar) is read in place.
+static ffi::Error Attend(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_all, ffi::Buffer<ffi::F32> v_all,
+                         ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> layer_, ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions(), kd = k_all.dimensions(), pd = pos.dimensions();
+  const int64_t layer = layer_.element_count() == 1 ? *layer_.typed_data() : -1;
+  if (kd.size() != 5 || v_all.dimensions() != kd || layer < 0 || layer >= kd[0] || qd.size() != 5 ||
+      pd.size() != 2 || kd[1] != qd[0] || kd[3] != qd[2] || kd[4] != qd[4] || pd[0] != qd[0] || pd[1] != qd[1])
+    return ffi::Error::InvalidArgument(
+        "jaxspec_attend: q (B, T, KV, G, D), k/v (layers, B, S, KV, D), positions (B, T), a layer in range");
+  const int64_t offset = layer * (k_all.element_count() / kd[0]);
+  const float *k = k_all.typed_data() + offset, *v = v_all.typed_data() + offset;
+  kd = kd.last(4);
   const int64_t B = qd[0], T = qd[1], KV = qd[2], G = qd[3], D = qd[4], S = kd[1], rows = B * T * KV;
   static thread_local std::vector<int64_t> items, first;
   static thread_local std::vector<int32_t> left;
@@ -668,7 +696,7 @@ static ffi::Error Attend(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::
   }
   const int64_t P = G * D + 2 * G;
   if (static_cast<int64_t>(part.size()) < first[rows] * P) part.resize(first[rows] * P);
-  Attention a{q.typed_data(), k.typed_data(), v.typed_data(), p, out->typed_data(), B, T, KV, G, D, S,
+  Attention a{q.typed_data(), k, v, p, out->typed_data(), B, T, KV, G, D, S,
               items.data(), static_cast<int64_t>(items.size() / 2), first.data(), left.data(), part.data(), P};
   for (int64_t qi = 0; qi < rows; ++qi)  // no live key (a position below 0): zeros
     if (left[qi] == 0) std::fill(a.out + qi * G * D, a.out + (qi + 1) * G * D, 0.f);
@@ -682,6 +710,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxspecAttend, Attend,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 

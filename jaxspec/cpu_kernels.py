@@ -2,16 +2,18 @@
 
 Why: a decode step multiplies one row (a verify, 2-13 rows) by every weight matrix, one after another. XLA:CPU runs
 each such product on about one core's bandwidth, and at 2+ rows streams 1.5-3x slower per byte than at one row,
-which is what made a verify cost several decode steps here. ``matmul``/``matmul_t`` split each product over all cores
-(each streams its own contiguous share of the weights) and are as fast at 2-5 rows as at one. ``model.pack``'s
+which is what made a verify cost several decode steps here. ``matmul``/``matmul_t`` split each product over all
+cores (each streams its own contiguous share of the weights) and are as fast at 2-5 rows as at one. ``model.pack``'s
 ``Packed`` weights (tiles of one vector's width of columns, each tile's rows back to back) go to a third product
 kernel that streams each tile once with its sums in registers: a 9-row verify's products then cost ~1.2 decode
-steps' instead of ~1.5 (the (K, N) kernel's panels stream 8 rows at once and reload their sums). ``attend`` does a
-layer's attention core of a few query tokens in one call over the live keys only (the jnp version is ~10 small XLA
-kernels per layer over the whole cache window), in chunks of 64 keys that both cores share (1.5-1.7x faster than
-one work item per KV head at 1-3.5k contexts: BENCHMARKS.md, "Attention in key chunks"). Every output element is
-computed in one fixed order whatever the row count, so a T-token verify computes bit for bit what T decode steps
-compute.
+steps' instead of ~1.5 (the (K, N) kernel's panels stream 8 rows at once and reload their sums). Stacked packed
+weights (``pack_layers``, one array per kind for all layers) and the stacked KV cache are read in place at a layer
+index given at run time, so the model can loop over its layers (``model.scan_layers``) without copying a layer's
+slice. ``attend`` does a layer's attention core of a few query tokens in one call over the live keys only (the jnp
+version is ~10 small XLA kernels per layer over the whole cache window), in chunks of 64 keys that both cores share
+(1.5-1.7x faster than one work item per KV head at 1-3.5k contexts: BENCHMARKS.md, "Attention in key chunks"). Every
+output element is computed in one fixed order whatever the row count, so a T-token verify computes bit for bit what
+T decode steps compute.
 
 The kernels are compiled on first use with the machine's C++ compiler (``g++``/``c++``, ``-march=native``) into
 ``$JAXSPEC_CACHE/kernels`` and registered with XLA as FFI targets. Without a compiler, on other backends, for other
@@ -126,6 +128,8 @@ def _load_library() -> ctypes.CDLL | None:
     jax.ffi.register_ffi_target("jaxspec_matmul_nn", jax.ffi.pycapsule(lib.JaxspecMatmulNN), platform="cpu")
     jax.ffi.register_ffi_target("jaxspec_matmul_nt", jax.ffi.pycapsule(lib.JaxspecMatmulNT), platform="cpu")
     jax.ffi.register_ffi_target("jaxspec_matmul_packed", jax.ffi.pycapsule(lib.JaxspecMatmulPacked), platform="cpu")
+    jax.ffi.register_ffi_target("jaxspec_matmul_packed_at", jax.ffi.pycapsule(lib.JaxspecMatmulPackedAt),
+                                platform="cpu")
     jax.ffi.register_ffi_target("jaxspec_attend", jax.ffi.pycapsule(lib.JaxspecAttend), platform="cpu")
     return lib
 
@@ -191,20 +195,52 @@ def _unpack(data: Array, n: int) -> Array:
     return data.transpose(1, 0, 2).reshape(k, t * c)[:, :n]
 
 
-def pack(w: Array | np.ndarray, n_in: int = 1) -> Packed:
-    """``w`` (contracting its first ``n_in`` axes) as a ``Packed`` weight, built on the host."""
+def _pack_into(out: np.ndarray, w: Array | np.ndarray, n_in: int) -> None:
+    """Write ``w``'s tiles (contracting its first ``n_in`` axes) into ``out`` (tiles, K, tile)."""
     a = np.asarray(w)
     k, n = math.prod(a.shape[:n_in]), math.prod(a.shape[n_in:])
-    c = tile()
-    m = np.zeros((k, -(-n // c) * c), a.dtype)
+    c = out.shape[2]
+    m = np.zeros((k, out.shape[0] * c), a.dtype)
     m[:, :n] = a.reshape(k, n)
-    data = np.ascontiguousarray(m.reshape(k, -1, c).transpose(1, 0, 2))
-    return Packed(jax.device_put(data), tuple(a.shape), n_in)
+    out[...] = m.reshape(k, -1, c).transpose(1, 0, 2)
 
 
-def matmul(x: Array, *ws: Array | Packed) -> list[Array]:
+def _packed_shape(shape: Sequence[int], n_in: int) -> tuple[int, int, int]:
+    c = tile()
+    return -(-math.prod(shape[n_in:]) // c), math.prod(shape[:n_in]), c
+
+
+def pack(w: Array | np.ndarray, n_in: int = 1) -> Packed:
+    """``w`` (contracting its first ``n_in`` axes) as a ``Packed`` weight, built on the host."""
+    data = np.empty(_packed_shape(w.shape, n_in), w.dtype)
+    _pack_into(data, w, n_in)
+    return Packed(jax.device_put(data), tuple(w.shape), n_in)
+
+
+def pack_layers(ws: Sequence[Array | np.ndarray], n_in: int = 1) -> tuple[Packed, list[Packed]]:
+    """The same-shaped weights ``ws`` (one per layer) packed back to back: as one ``Packed`` of (layers, tiles, K,
+    tile) data (``matmul(..., layer=i)`` reads layer i of it) and as one ``Packed`` per layer over the same memory (on
+    CPU ``device_put`` aliases 64-byte-aligned host memory)."""
+    shape, dt = _packed_shape(ws[0].shape, n_in), np.dtype(ws[0].dtype)
+    size = math.prod(shape)
+    raw = np.empty(len(ws) * size + 64 // dt.itemsize, dt)
+    off = (-raw.ctypes.data % 64) // dt.itemsize
+    host = raw[off : off + len(ws) * size].reshape(len(ws), *shape)
+    for i, w in enumerate(ws):
+        _pack_into(host[i], w, n_in)
+    stacked, *layers = jax.device_put([host] + [host[i] for i in range(len(ws))])
+    logical = tuple(ws[0].shape)
+    return Packed(stacked, logical, n_in), [Packed(a, logical, n_in) for a in layers]
+
+
+def matmul(x: Array, *ws: Array | Packed, layer: Array | None = None) -> list[Array]:
     """``[x @ w for w in ws]`` for x (R, K) and weights (K, N_i) (or ``Packed``), float32 results: one kernel call
-    for all (a layer's Q, K and V, or gate and up) when few-row float32 on CPU, else XLA's dots."""
+    for all (a layer's Q, K and V, or gate and up) when few-row float32 on CPU, else XLA's dots. ``layer`` (an int32
+    scalar): the ``Packed`` weights are stacked (``pack_layers``) and layer ``layer`` of each is read in place (the
+    kernels only)."""
+    if layer is not None:
+        out = [jax.ShapeDtypeStruct((x.shape[0], math.prod(w.shape[w.n_in:])), jnp.float32) for w in ws]
+        return list(_packed_at(x, jnp.asarray(layer, jnp.int32), tuple(w.data for w in ws), tuple(out)))
     packed = [isinstance(w, Packed) for w in ws]
     if any(packed) and not all(packed):
         raise ValueError("matmul: packed and plain weights in one call")
@@ -228,6 +264,20 @@ def _packed_jvp(out: tuple, primals: tuple, tangents: tuple) -> tuple:
     ns = [o.shape[1] for o in out]
     return _packed(x, ws, out), tuple(dx @ _unpack(w, n) + x @ _unpack(dw, n) for w, dw, n in zip(ws, dws, ns,
                                                                                                   strict=True))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _packed_at(x: Array, layer: Array, ws: tuple[Array, ...], out: tuple[jax.ShapeDtypeStruct, ...]
+               ) -> tuple[Array, ...]:
+    return tuple(jax.ffi.ffi_call("jaxspec_matmul_packed_at", list(out))(x, layer, *ws))
+
+
+@_packed_at.defjvp
+def _packed_at_jvp(out: tuple, primals: tuple, tangents: tuple) -> tuple:
+    (x, layer, ws), (dx, _, dws) = primals, tangents
+    ns = [o.shape[1] for o in out]
+    return _packed_at(x, layer, ws, out), tuple(dx @ _unpack(w[layer], n) + x @ _unpack(dw[layer], n)
+                                                for w, dw, n in zip(ws, dws, ns, strict=True))
 
 
 def matmul_t(x: Array, w: Array) -> Array:
@@ -261,25 +311,28 @@ def _nt_jvp(primals: tuple, tangents: tuple) -> tuple:
     return _nt(x, w), dx @ w.T + x @ dw.T
 
 
-def attend(q: Array, k: Array, v: Array, positions: Array, reference: Callable[..., Array]) -> Array:
-    """Causal attention of a few query tokens over the cache (``model.attend``'s contract: q (B, T, kv, g, hd), k/v
-    (B, S, kv, hd), positions (B, T)) in one kernel call that reads only each query's live keys, when float32 on
-    CPU with T <= ``MAX_ROWS``; else ``reference`` (the jnp version, which also gives the derivatives)."""
+def attend(q: Array, k: Array, v: Array, positions: Array, layer: Array | int,
+           reference: Callable[..., Array]) -> Array:
+    """Causal attention of a few query tokens over layer ``layer`` of the stacked cache (``model.attend``'s contract:
+    q (B, T, kv, g, hd), k/v (layers, B, S, kv, hd), positions (B, T)) in one kernel call that reads only each
+    query's live keys, in place, when float32 on CPU with T <= ``MAX_ROWS``; else ``reference`` (the jnp version,
+    which also gives the derivatives)."""
+    layer = jnp.asarray(layer, jnp.int32)
     if not (q.shape[1] <= MAX_ROWS and q.dtype == k.dtype == v.dtype == jnp.float32 and active()):
-        return reference(q, k, v, positions)
-    return _attend(q, k, v, positions.astype(jnp.int32), reference)
+        return reference(q, k, v, positions, layer)
+    return _attend(q, k, v, positions.astype(jnp.int32), layer, reference)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
-def _attend(q: Array, k: Array, v: Array, positions: Array, reference: Callable[..., Array]) -> Array:
-    return jax.ffi.ffi_call("jaxspec_attend", jax.ShapeDtypeStruct(q.shape, jnp.float32))(q, k, v, positions)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _attend(q: Array, k: Array, v: Array, positions: Array, layer: Array, reference: Callable[..., Array]) -> Array:
+    return jax.ffi.ffi_call("jaxspec_attend", jax.ShapeDtypeStruct(q.shape, jnp.float32))(q, k, v, positions, layer)
 
 
 @_attend.defjvp
 def _attend_jvp(reference: Callable[..., Array], primals: tuple, tangents: tuple) -> tuple:
-    (q, k, v, positions), (dq, dk, dv, _) = primals, tangents
-    _, tangent = jax.jvp(lambda q, k, v: reference(q, k, v, positions), (q, k, v), (dq, dk, dv))
-    return _attend(q, k, v, positions, reference), tangent
+    (q, k, v, positions, layer), (dq, dk, dv, _, _) = primals, tangents
+    _, tangent = jax.jvp(lambda q, k, v: reference(q, k, v, positions, layer), (q, k, v), (dq, dk, dv))
+    return _attend(q, k, v, positions, layer, reference), tangent
 
 
 def stream_sum(a: np.ndarray) -> float:

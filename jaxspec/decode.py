@@ -94,11 +94,11 @@ class Decoder:
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """The empty cache ``prefill`` fills (``sharding.MeshDecoder`` builds it sharded): zeros made on the host and
-        put on the device in one call, no tracing or compilation (4 ms for SmolLM2's 61 arrays; 16 ms through
-        ``eval_shape`` and one transfer each). One host array per device array: on CPU the transfer aliases it."""
-        n, shape, dt = self.cfg.n_layers, KVCache.layer_shape(self.cfg, batch, max_len), jnp.dtype(self.cfg.dtype)
-        arrays = jax.device_put([np.zeros(shape, dt) for _ in range(2 * n)] + [np.zeros((batch,), np.int32)])
-        return KVCache(k=tuple(arrays[:n]), v=tuple(arrays[n : 2 * n]), lengths=arrays[-1])
+        put on the device in one call, no tracing or compilation (16 ms through ``eval_shape``). One host array per
+        device array: on CPU the transfer aliases it."""
+        shape, dt = KVCache.shape(self.cfg, batch, max_len), jnp.dtype(self.cfg.dtype)
+        k, v, lengths = jax.device_put([np.zeros(shape, dt), np.zeros(shape, dt), np.zeros((batch,), np.int32)])
+        return KVCache(k=k, v=v, lengths=lengths)
 
     def prefill_cache(self, params: Params, tokens: Array, cache: KVCache, lengths: Array, fresh: bool = False
                       ) -> tuple[Array, KVCache]:
@@ -114,12 +114,11 @@ class Decoder:
         a scan is as small to load as one layer."""
         if tokens.shape[1] >= min(SCAN_FROM, PREFILL_BUCKETS[-1]):
             return aot.call(_prefill_scan, params, self.cfg, tokens, cache, lengths, fresh, static=(1, 5))
-        x = aot.call(_embed, params.embed, tokens)
-        ks, vs = list(cache.k), list(cache.v)
-        for i, layer in enumerate(layers_for(params, tokens.size)):
-            x, ks[i], vs[i] = aot.call(_prefill_layer, layer, self.cfg, x, ks[i], vs[i], cache.lengths, fresh,
-                                       static=(1, 6))
-        return aot.call(_final_norm, params.norm, self.cfg, x, static=(1,)), KVCache(tuple(ks), tuple(vs), lengths)
+        x, k, v = aot.call(_embed, params.embed, tokens), cache.k, cache.v
+        layers = layers_for(params, tokens.size)
+        for i, layer in zip(jax.device_put([np.int32(i) for i in range(len(layers))]), layers, strict=True):
+            x, k, v = aot.call(_prefill_layer, layer, self.cfg, x, k, v, i, cache.lengths, fresh, static=(1, 7))
+        return aot.call(_final_norm, params.norm, self.cfg, x, static=(1,)), KVCache(k, v, lengths)
 
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
     def first(self, params: Params, state: State, h: Array) -> State:
@@ -177,16 +176,18 @@ def _embed(embed: Array, tokens: Array) -> Array:
     return embed[tokens].astype(jnp.float32)
 
 
-def _block(layer: Layer, cfg: Config, x: Array, k: Array, v: Array, start: Array, fresh: bool
+def _block(layer: Layer, cfg: Config, x: Array, k: Array, v: Array, i: Array, start: Array, fresh: bool
            ) -> tuple[Array, Array, Array]:
-    """``model.block`` on a prompt chunk; ``fresh`` (all rows' caches empty, ``start`` 0): over the chunk's own
-    slots only, written back into the window (a 1024-token chunk in a 1280-slot window: 30% fewer attention scores;
-    a 48-token one in 256 slots: 80%)."""
+    """``model.block`` (layer ``i`` of the stacked caches) on a prompt chunk; ``fresh`` (all rows' caches empty,
+    ``start`` 0): over the chunk's own slots only, written back into the window (a 1024-token chunk in a 1280-slot
+    window: 30% fewer attention scores; a 48-token one in 256 slots: 80%)."""
     if not fresh:
-        return block(layer, cfg, x, k, v, start)
-    T = x.shape[1]
-    x, kt, vt = block(layer, cfg, x, k[:, :T], v[:, :T], start)
-    return x, k.at[:, :T].set(kt), v.at[:, :T].set(vt)
+        return block(layer, cfg, x, k, v, i, start)
+    B, T = x.shape[:2]
+    size = (1, B, T, *k.shape[3:])
+    at = (i, 0, 0, 0, 0)
+    x, kt, vt = block(layer, cfg, x, jax.lax.dynamic_slice(k, at, size), jax.lax.dynamic_slice(v, at, size), 0, start)
+    return x, jax.lax.dynamic_update_slice(k, kt, at), jax.lax.dynamic_update_slice(v, vt, at)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 5), donate_argnums=3)
@@ -196,22 +197,21 @@ def _prefill_scan(params: Params, cfg: Config, tokens: Array, cache: KVCache, le
     are ``params.stacked`` where the loader mapped them so (no copy), else stacked per call (SmolLM2: ~0.25 s of a
     1024-token chunk's ~2 s here); the caches are stacked per call (a copy, small next to the chunk's compute)."""
     def layer(x: Array, lkv: tuple[Layer, Array, Array]) -> tuple[Array, tuple[Array, Array]]:
-        x, k, v = _block(lkv[0], cfg, x, lkv[1], lkv[2], cache.lengths, fresh)
-        return x, (k, v)
+        x, k, v = _block(lkv[0], cfg, x, lkv[1][None], lkv[2][None], jnp.int32(0), cache.lengths, fresh)
+        return x, (k[0], v[0])
 
     weights = params.stacked
     if weights is None:
         weights = jax.tree.map(lambda *xs: jnp.stack(xs), *params.layers)
-    x, (k, v) = jax.lax.scan(layer, params.embed[tokens].astype(jnp.float32),
-                             (weights, jnp.stack(cache.k), jnp.stack(cache.v)))
+    x, (k, v) = jax.lax.scan(layer, params.embed[tokens].astype(jnp.float32), (weights, cache.k, cache.v))
     h = rms_norm(x, params.norm, cfg.norm_eps).astype(params.embed.dtype)
-    return h, KVCache(tuple(k), tuple(v), lengths)
+    return h, KVCache(k, v, lengths)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 6), donate_argnums=(3, 4))
-def _prefill_layer(layer: Layer, cfg: Config, x: Array, k: Array, v: Array, start: Array, fresh: bool = False
-                   ) -> tuple[Array, ...]:
-    return _block(layer, cfg, x, k, v, start, fresh)
+@functools.partial(jax.jit, static_argnums=(1, 7), donate_argnums=(3, 4))
+def _prefill_layer(layer: Layer, cfg: Config, x: Array, k: Array, v: Array, i: Array, start: Array,
+                   fresh: bool = False) -> tuple[Array, ...]:
+    return _block(layer, cfg, x, k, v, i, start, fresh)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -299,11 +299,11 @@ def prefill(params: Params, decoder: Decoder, prompts: list[list[int]], max_new:
 
 @functools.partial(jax.jit, static_argnums=1)  # no donation: a larger buffer cannot reuse the old one
 def _pad(state: State, capacity: int) -> State:
-    def pad(a: Array) -> Array:  # along the sequence axis (1) of the cache arrays and the token history
-        return jnp.pad(a, ((0, 0), (0, capacity - a.shape[1])) + ((0, 0),) * (a.ndim - 2))
+    def pad(a: Array, axis: int) -> Array:  # along the sequence axis of the cache arrays (2), the token history (1)
+        return jnp.pad(a, [(0, capacity - a.shape[axis]) if d == axis else (0, 0) for d in range(a.ndim)])
 
-    cache = state.cache.replace(k=tuple(map(pad, state.cache.k)), v=tuple(map(pad, state.cache.v)))
-    return state.replace(cache=cache, history=None if state.history is None else pad(state.history))
+    cache = state.cache.replace(k=pad(state.cache.k, 2), v=pad(state.cache.v, 2))
+    return state.replace(cache=cache, history=None if state.history is None else pad(state.history, 1))
 
 
 def grow(state: State, need: int, full: int, smallest: int = MIN_WINDOW) -> State:

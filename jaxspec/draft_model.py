@@ -172,22 +172,22 @@ def _hidden(draft: DraftParams, params: Params, cfg: Config, tokens: Array, cach
     start = cache.lengths
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     x = params.embed[tokens].astype(jnp.float32)
-    ks, vs = list(cache.k), list(cache.v)
+    ks, vs = cache.k, cache.v
     for i, ly in enumerate(draft.layers):
         if i not in skip.attn:
             qkv = qdot(rms_norm(x, ly.attn_norm, cfg.norm_eps), ly.qkv, rows)
             q = rope(qkv[..., : h * hd].reshape(B, T, h, hd), positions, cfg.rope_theta)
             k = rope(qkv[..., h * hd: (h + kv) * hd].reshape(B, T, kv, hd), positions, cfg.rope_theta)
             v = qkv[..., (h + kv) * hd:].reshape(B, T, kv, hd)
-            ks[i] = _write(ks[i], k.astype(ks[i].dtype), start)
-            vs[i] = _write(vs[i], v.astype(vs[i].dtype), start)
-            out = attend(q.reshape(B, T, kv, h // kv, hd).astype(ks[i].dtype), ks[i], vs[i], positions)
+            ks = _write(ks, k.astype(ks.dtype), i, start)
+            vs = _write(vs, v.astype(vs.dtype), i, start)
+            out = attend(q.reshape(B, T, kv, h // kv, hd).astype(ks.dtype), ks, vs, positions, i)
             x = x + qdot(out.reshape(B, T, h * hd), ly.wo, rows)
         if i not in skip.mlp:
             gate, up = jnp.split(qdot(rms_norm(x, ly.mlp_norm, cfg.norm_eps), ly.gate_up, rows), 2, axis=-1)
             x = x + qdot(jax.nn.silu(gate) * up, ly.down, rows)
     x = rms_norm(x, params.norm, cfg.norm_eps)
-    return x, KVCache(k=tuple(ks), v=tuple(vs), lengths=start + T)
+    return x, KVCache(k=ks, v=vs, lengths=start + T)
 
 
 def draft_forward(params: Params, cfg: Config, tokens: Array, cache: KVCache, skip: SkipMask = SkipMask(),

@@ -3,9 +3,9 @@
 One file per checkpoint directory and dtype: a JSON header (the checkpoint's signature; every array's name, dtype,
 shape and offset), then the raw arrays. Loading maps the file read-only and hands each array to ``jax.device_put``,
 which aliases 64-byte-aligned read-only host memory on XLA:CPU (no copy: pages are read on first use). The layers'
-arrays of one kind (``layers.{i}.wq`` for every i) lie back to back, so the same bytes are also one stacked
-(n_layers, ...) array, at no cost in memory: the long-prompt prefill scans over those instead of stacking ~0.25 s of
-SmolLM2's weights per call.
+arrays of one kind (``layers.{i}.wq`` for every i, and ``packed.layers.{i}.wq``) lie back to back, so the same bytes
+are also one stacked (n_layers, ...) array, at no cost in memory: the long-prompt prefill scans over those instead of
+stacking ~0.25 s of SmolLM2's weights per call, and the decode loop over the packed ones (``model.scan_layers``).
 The signature (manifest bytes, every parameter file's size and mtime) must match the checkpoint, else the copy is
 ignored and ``write`` replaces it (atomically).
 """
@@ -28,10 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MAGIC = b"jaxspec-weights-2\n"  # 2: the layers' arrays of a kind back to back
+MAGIC = b"jaxspec-weights-3\n"  # 2: the layers' arrays of a kind back to back; 3: the packed ones too
 ALIGN = 4096
 VIEW_ALIGN = 64  # what device_put needs to alias host memory
-LAYER = re.compile(r"layers\.(\d+)\.(\w+)")
+LAYER = re.compile(r"(.*)layers\.(\d+)\.(\w+)")  # a layer's array: kind (prefix + name) and index
+
+
+def _layer(name: str) -> tuple[str, int] | None:
+    """The kind (``wq``, ``packed.wq``) and layer index of a layer array's name, else None."""
+    m = LAYER.fullmatch(name)
+    return (m.group(1) + m.group(3), int(m.group(2))) if m else None
 
 
 def path_for(cache: Path, ckpt: Path, dtype: str) -> Path:
@@ -61,8 +67,7 @@ def write(path: Path, sig: Mapping[str, Any], flat: Mapping[str, Any]) -> None:
     arrays = dict(sorted(((n, np.asarray(a)) for n, a in flat.items()), key=lambda na: _order(na[0])))
     index, offset, prev = {}, 0, None
     for n, a in arrays.items():
-        m = LAYER.fullmatch(n)
-        kind = m and m.group(2)
+        kind = (_layer(n) or (None,))[0]
         if not (kind and kind == prev and a.nbytes % VIEW_ALIGN == 0):
             offset = _align(offset)  # a new group starts on a page; a layer's next array of the same kind follows on
         index[n], offset, prev = [str(a.dtype), list(a.shape), offset], offset + a.nbytes, kind
@@ -84,8 +89,8 @@ def write(path: Path, sig: Mapping[str, Any], flat: Mapping[str, Any]) -> None:
 
 def _order(name: str) -> tuple[str, int]:
     """File order: the other arrays by name, then each kind of layer array in layer order."""
-    m = LAYER.fullmatch(name)
-    return ("~" + m.group(2), int(m.group(1))) if m else (name, 0)
+    layer = _layer(name)
+    return ("~" + layer[0], layer[1]) if layer else (name, 0)
 
 
 def _header(f: Any) -> dict[str, Any]:
@@ -162,8 +167,8 @@ def read(path: Path, sig: Mapping[str, Any], device: jax.Device
 
         kinds: dict[str, list[list]] = {}
         for name, entry in index.items():
-            if m := LAYER.fullmatch(name):
-                kinds.setdefault(m.group(2), []).append([int(m.group(1)), *entry])
+            if layer := _layer(name):
+                kinds.setdefault(layer[0], []).append([layer[1], *entry])
         stacked = {}
         for kind, rows in kinds.items():
             rows.sort()

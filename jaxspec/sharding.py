@@ -29,6 +29,7 @@ AXIS_NAMES = ("data", "model")
 
 # Logical axis → mesh axis (None: replicated). Parameters and cache name their logical axes in ``model.AXES``.
 RULES: dict[str, str | None] = {
+    "layers": None,
     "batch": "data",
     "seq": None,
     "embed": None,
@@ -110,8 +111,8 @@ def shard_params(params: Params, cfg: Config, mesh: Mesh) -> Params:
 
 def cache_shardings(cache: KVCache | Any, mesh: Mesh) -> KVCache:
     """Shardings of a (concrete or abstract) cache: batch over ``data``, KV heads over ``model`` when divisible."""
-    kv = [named(mesh, AXES["cache_kv"], a.shape) for a in cache.k]
-    return KVCache(k=tuple(kv), v=tuple(kv), lengths=named(mesh, AXES["cache_lengths"], cache.lengths.shape))
+    kv = named(mesh, AXES["cache_kv"], cache.k.shape)
+    return KVCache(k=kv, v=kv, lengths=named(mesh, AXES["cache_lengths"], cache.lengths.shape))
 
 
 def state_shardings(state: State, mesh: Mesh) -> State:
@@ -167,7 +168,7 @@ class MeshDecoder(Decoder):
         mesh = self.mesh
         tokens, lengths = place((tokens, lengths), (named(mesh, ("batch", "seq"), tokens.shape),
                                                     named(mesh, ("batch",), lengths.shape)))
-        return _cache_fns(self.cfg, *cache.k[0].shape[:2], mesh)[1](params, tokens, cache, lengths)
+        return _cache_fns(self.cfg, *cache.k.shape[1:3], mesh)[1](params, tokens, cache, lengths)
 
     def pin(self, state: State) -> State:
         return jax.lax.with_sharding_constraint(state, state_shardings(state, self.mesh))

@@ -81,10 +81,11 @@ def test_keys_separate_decoders_shapes_and_configs(params, cache):
     assert base not in others and len(set(others)) == len(others)
     c = prefill(params, dec, [PROMPT], 8).cache
     x, layer = jnp.zeros((1, 16, CFG.dim)), params.layers[0]
-    pre = [aot.key(_prefill_layer, (layer, cfg, x, c.k[0], c.v[0], c.lengths), (1,))
+    i = jnp.int32(0)
+    pre = [aot.key(_prefill_layer, (layer, cfg, x, c.k, c.v, i, c.lengths), (1,))
            for cfg in (CFG, CFG.replace(rope_theta=CFG.rope_theta * 2), CFG.replace(norm_eps=1e-6))]
     assert len(set(pre)) == 3
-    assert aot.key(_prefill_layer, (layer, CFG, x[:, :8], c.k[0], c.v[0], c.lengths), (1,)) not in pre
+    assert aot.key(_prefill_layer, (layer, CFG, x[:, :8], c.k, c.v, i, c.lengths), (1,)) not in pre
     # Python scalars are not arrays: such a call is not cached (plain jit)
     assert aot.key(Decoder.run, (dec, params, state, 1), (0,)) is None
 

@@ -93,20 +93,21 @@ def test_derivatives_go_through_xla_dots() -> None:
 def test_attention_matches_the_jnp_core_and_each_query_alone(B: int, T: int, KV: int, G: int, D: int, S: int) -> None:
     """Positions anywhere in the window (first and last slot included; with 12 queries, each side of the kernel's
     key-chunk edges, 64 or 128 keys apart); a query's output does not depend on the other queries of its chunk, bit
-    for bit."""
+    for bit; the kernel reads the layer it is given of the stacked cache (here the middle one of three)."""
     from jaxspec.model import attend, attend_jnp
 
     rng = np.random.default_rng(B * T * S)
-    q, k, v = rand(rng, B, T, KV, G, D), rand(rng, B, S, KV, D), rand(rng, B, S, KV, D)
+    q, k, v = rand(rng, B, T, KV, G, D), rand(rng, 3, B, S, KV, D), rand(rng, 3, B, S, KV, D)
     pos = rng.integers(0, S, (B, T)).astype(np.int32)
     pos[0, 0], pos[-1, -1] = 0, S - 1
     if T >= 12:
         pos[0, 1:11] = [62, 63, 64, 127, 128, 129, 191, 255, 256, 257]
-    assert uses_kernel(attend, q, k, v, pos, target="jaxspec_attend")
-    got = np.asarray(jax.jit(attend)(q, k, v, pos))
-    np.testing.assert_allclose(got, np.asarray(jax.jit(attend_jnp)(q, k, v, pos)), rtol=2e-5, atol=2e-6)
+    layer = np.int32(1)
+    assert uses_kernel(attend, q, k, v, pos, layer, target="jaxspec_attend")
+    got = np.asarray(jax.jit(attend)(q, k, v, pos, layer))
+    np.testing.assert_allclose(got, np.asarray(jax.jit(attend_jnp)(q, k[1], v[1], pos)), rtol=2e-5, atol=2e-6)
     for t in range(T):
-        np.testing.assert_array_equal(np.asarray(jax.jit(attend)(q[:, t : t + 1], k, v, pos[:, t : t + 1])),
+        np.testing.assert_array_equal(np.asarray(jax.jit(attend)(q[:, t : t + 1], k, v, pos[:, t : t + 1], layer)),
                                       got[:, t : t + 1])
 
 
@@ -114,15 +115,35 @@ def test_attention_derivatives_and_long_chunks_use_the_jnp_core() -> None:
     from jaxspec.model import attend, attend_jnp
 
     rng = np.random.default_rng(2)
-    q, k, v = rand(rng, 1, 3, 2, 2, 8), rand(rng, 1, 16, 2, 8), rand(rng, 1, 16, 2, 8)
+    q, k, v = rand(rng, 1, 3, 2, 2, 8), rand(rng, 2, 1, 16, 2, 8), rand(rng, 2, 1, 16, 2, 8)
     pos = np.array([[4, 5, 6]], np.int32)
-    got = jax.grad(lambda *a: (attend(*a, pos) ** 2).sum(), (0, 1, 2))(q, k, v)
-    want = jax.grad(lambda *a: (attend_jnp(*a, pos) ** 2).sum(), (0, 1, 2))(q, k, v)
+    got = jax.grad(lambda q, k, v: (attend(q, k, v, pos, 1) ** 2).sum(), (0, 1, 2))(q, k, v)
+    want = jax.grad(lambda q, k, v: (attend_jnp(q, k[1], v[1], pos) ** 2).sum(), (0, 1, 2))(q, k, v)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
     T = cpu_kernels.MAX_ROWS + 1
-    assert not uses_kernel(attend, rand(rng, 1, T, 2, 2, 8), rand(rng, 1, 64, 2, 8), rand(rng, 1, 64, 2, 8),
-                           np.arange(T, dtype=np.int32)[None], target="jaxspec_attend")
+    assert not uses_kernel(attend, rand(rng, 1, T, 2, 2, 8), rand(rng, 1, 1, 64, 2, 8), rand(rng, 1, 1, 64, 2, 8),
+                           np.arange(T, dtype=np.int32)[None], np.int32(0), target="jaxspec_attend")
+
+
+@pytest.mark.parametrize("n_in,shape", [(1, (576, 192)), (2, (9, 64, 576)), (1, (100, 37))])
+def test_stacked_weights_give_each_layers_bits_in_place(n_in: int, shape: tuple[int, ...]) -> None:
+    """``pack_layers``: the per-layer weights are views of the stacked one (no second copy), and a product with
+    layer i of the stacked weights equals the product with layer i's own, bit for bit."""
+    rng = np.random.default_rng(len(shape))
+    ws = [rand(rng, *shape) for _ in range(3)]
+    stacked, layers = cpu_kernels.pack_layers(ws, n_in)
+    size = layers[0].data.nbytes
+    assert [w.data.unsafe_buffer_pointer() - stacked.data.unsafe_buffer_pointer() for w in layers] == \
+        [i * size for i in range(3)]
+    x = rand(rng, 5, int(np.prod(shape[:n_in])))
+    at = jax.jit(lambda x, i: cpu_kernels.matmul(x, stacked, layer=i)[0])
+    assert "jaxspec_matmul_packed_at" in at.lower(x, np.int32(0)).as_text()
+    for i, w in enumerate(layers):
+        one = np.asarray(jax.jit(lambda x, w: cpu_kernels.matmul(x, w)[0])(x, w))
+        np.testing.assert_array_equal(np.asarray(at(x, np.int32(i))), one)
+        ref = x.astype(np.float64) @ ws[i].reshape(x.shape[1], -1).astype(np.float64)
+        np.testing.assert_allclose(one, ref, rtol=1e-4, atol=1e-4 * np.sqrt(x.shape[1]))
 
 
 def test_without_a_working_compiler_the_model_runs_on_xla(tmp_path) -> None:  # noqa: ANN001
@@ -231,9 +252,17 @@ def test_packed_model_decodes_losslessly() -> None:
     assert packed.packed is not None and model.layers_for(packed, 9) is packed.packed.layers
     assert model.layers_for(packed, cpu_kernels.MAX_PACKED_ROWS) is packed.packed.layers  # short prompts' chunks too
     assert model.layers_for(packed, cpu_kernels.MAX_PACKED_ROWS + 1) is packed.layers
-    step = jax.jit(lambda p, t, c: model.forward(p, CFG, t, c)[0])
-    cache = model.KVCache.create(CFG, 1, 32)
-    assert uses_kernel(lambda t: step(packed, t, cache), np.zeros((1, 5), np.int32), target="jaxspec_matmul_packed")
+    step = jax.jit(lambda p, t, c: model.forward(p, CFG, t, c))
+    _, cache = step(packed, np.arange(1, 8, dtype=np.int32)[None], model.KVCache.create(CFG, 1, 32))
+    five = np.arange(8, 13, dtype=np.int32)[None]
+    # The layers run as one loop over the stacked packed weights, with the unrolled layers' bits
+    assert uses_kernel(lambda t: step(packed, t, cache), five, target="jaxspec_matmul_packed_at")
+    unrolled = packed.replace(packed=packed.packed.replace(stacked=None))
+    assert not uses_kernel(lambda t: step(unrolled, t, cache), five, target="jaxspec_matmul_packed_at")
+    assert uses_kernel(lambda t: step(unrolled, t, cache), five, target="jaxspec_matmul_packed")
+    for a, b in zip(jax.tree.leaves(step(packed, five, cache)), jax.tree.leaves(step(unrolled, five, cache)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     prompts = [[1, 2, 3, 4, 5, 1, 2, 3], [7, 8, 9, 7, 8]]
     ar = generate(Decoder(CFG), packed, prompts, 24)
     spec = generate(SpecDecoder(CFG, drafter="ngram", ngram_k=8), packed, prompts, 24)

@@ -101,7 +101,7 @@ def test_layers_also_load_stacked_over_the_same_memory(tmp_path, ckpt, tiny_cfg,
     out = [decode.write_tokens(p, dec, dec.new_cache(1, 64), toks, [32], [32], fresh=True)
            for p in (params, params.replace(stacked=None))]
     np.testing.assert_array_equal(np.asarray(out[0][0]), np.asarray(out[1][0]))
-    for a, b in zip(out[0][1].k + out[0][1].v, out[1][1].k + out[1][1].v, strict=True):
+    for a, b in ((out[0][1].k, out[1][1].k), (out[0][1].v, out[1][1].v)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     poisoned = params.replace(stacked=jax.tree.map(lambda a: a * 0, params.stacked))  # the scan reads the view
     h, _ = decode.write_tokens(poisoned, dec, dec.new_cache(1, 64), toks, [32], [32], fresh=True)
@@ -123,3 +123,27 @@ def test_the_copy_holds_the_packed_weights_for_the_cpu_kernel(tmp_path, ckpt, ti
         assert all(np.array_equal(np.asarray(got[n]), np.asarray(want[n])) for n in want)
     _, plain, _ = checkpoint.load_checkpoint(ckpt)  # no copy: no second set of weights
     assert plain.packed is None
+
+
+@pytest.mark.skipif(not cpu_kernels.active(), reason="no C++ compiler: no packed weights")
+def test_packed_layers_load_stacked_and_the_decode_step_loops_over_them(tmp_path, ckpt, tiny_cfg):
+    """The copy's packed weights of a kind lie back to back too: ``params.packed.stacked`` aliases the per-layer
+    packed arrays, and a decode step or verify then runs as one loop over the layers with the unrolled layers'
+    bits."""
+    cache = tmp_path / "fast"
+    for _ in range(2):  # the load that writes the copy, and one from it
+        _, params, _ = checkpoint.load_checkpoint(ckpt, fast_cache=cache)
+        stacked = params.packed.stacked
+        assert stacked is not None
+        for kind in ("wq", "wo", "w_down"):
+            whole, parts = getattr(stacked, kind).data, [getattr(ly, kind).data for ly in params.packed.layers]
+            assert [p.unsafe_buffer_pointer() - whole.unsafe_buffer_pointer() for p in parts] == \
+                [i * parts[0].nbytes for i in range(len(parts))]
+        assert stacked.attn_norm.unsafe_buffer_pointer() == params.stacked.attn_norm.unsafe_buffer_pointer()
+    step = jax.jit(lambda p, t, c: model.forward(p, tiny_cfg, t, c))
+    _, c = step(params, np.arange(1, 9, dtype=np.int32)[None], model.KVCache.create(tiny_cfg, 1, 32))
+    unrolled = params.replace(packed=params.packed.replace(stacked=None))
+    for t in (np.int32([[9]]), np.arange(9, 14, dtype=np.int32)[None]):
+        assert "jaxspec_matmul_packed_at" in step.lower(params, t, c).as_text()
+        for a, b in zip(jax.tree.leaves(step(params, t, c)), jax.tree.leaves(step(unrolled, t, c)), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -36,10 +36,10 @@ def child(workdir: Path) -> None:
         kv = (got.k, got.v)
         out[spec] = {
             "per_device": S.bytes_per_device(kv), "unsharded": sum(a.nbytes for a in jax.tree.leaves(kv)),
-            "spec": str(tuple(got.k[0].sharding.spec)), "same_sharding": all(
+            "spec": str(tuple(got.k.sharding.spec)), "same_sharding": all(
                 a.sharding == b for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(S.cache_shardings(got, mesh)),
                                                 strict=True)),
-            "shard_shape": list(got.k[0].addressable_shards[0].data.shape),
+            "shard_shape": list(got.k.addressable_shards[0].data.shape),
             "values": all(np.allclose(np.asarray(a), np.asarray(b), atol=1e-5)
                           for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True)),
         }
@@ -56,13 +56,13 @@ def test_prefill_cache_sharded_one_eighth_per_device(tmp_path):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
-    assert got["8x1"]["spec"] == "('data', None, None, None)"  # 2 KV heads: the model axis has size 1
-    assert got["2x4"]["spec"] == "('data', None, 'model', None)"
+    assert got["8x1"]["spec"] == "(None, 'data', None, None, None)"  # 2 KV heads: the model axis has size 1
+    assert got["2x4"]["spec"] == "(None, 'data', None, 'model', None)"
     for spec in ("8x1", "2x4"):
         g = got[spec]
         assert g["per_device"] * 8 == g["unsharded"], g
         assert g["same_sharding"] and g["values"], g
-    assert got["2x4"]["shard_shape"][0] == 4 and got["2x4"]["shard_shape"][2] == 1  # batch 8/2, KV heads 4/4
+    assert got["2x4"]["shard_shape"][1] == 4 and got["2x4"]["shard_shape"][3] == 1  # batch 8/2, KV heads 4/4
     assert got["save_params"]
 
 

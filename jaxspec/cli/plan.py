@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         """Per-device weight and cache bytes in ``dtype`` and the compiled draft and verify steps' memory."""
         c = cfg.replace(dtype=dtype)
         params = S.abstract_params(c, mesh, dtype)
-        kv = jax.ShapeDtypeStruct((B, seq, c.n_kv_heads, c.head_dim), dtype)
-        shapes = KVCache(k=(kv,) * c.n_layers, v=(kv,) * c.n_layers, lengths=jax.ShapeDtypeStruct((B,), jnp.int32))
+        kv = jax.ShapeDtypeStruct(KVCache.shape(c, B, seq), dtype)
+        shapes = KVCache(k=kv, v=kv, lengths=jax.ShapeDtypeStruct((B,), jnp.int32))
         cache_sh = S.cache_shardings(shapes, mesh)
         cache = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, cache_sh)
         out = {}

@@ -97,6 +97,11 @@ def _proxy(params: Params, cfg: Config, every: int, tokens: Array, pos: Array, c
     return agree, conf, jnp.stack(saved)
 
 
+def _rows(cache: KVCache, idx: np.ndarray) -> KVCache:
+    """Rows ``idx`` of ``cache`` (its batch axis is 1 in K and V)."""
+    return KVCache(k=cache.k[:, idx], v=cache.v[:, idx], lengths=cache.lengths[idx])
+
+
 class Proxy:
     """Evaluates masks on a ``Calibration`` with one compiled function, ``rows`` prompts per call, for a draft at
     ``precision`` (its copy made here, as ``draft_model.with_draft`` makes it) and each width in ``heads`` (0: the
@@ -124,7 +129,7 @@ class Proxy:
         for s in range(0, B, rows):
             idx = np.arange(s, s + rows) % B  # the last chunk wraps around: one shape, one compilation
             self.chunks.append((min(rows, B - s), (params, jnp.asarray(toks[idx]), jnp.asarray(pos[idx]),
-                                                   jax.tree.map(lambda a, idx=idx: a[idx], calib.cache),
+                                                   _rows(calib.cache, idx),
                                                    jnp.asarray(tgt[idx]))))
         self.saved: dict[bytes, tuple[np.ndarray, list[Array]]] = {}  # gates → per-chunk saved residuals
         self._fn: Callable[..., tuple[Array, Array, Array]] | None = None
