@@ -96,24 +96,25 @@ def pack(params: Params, flat: dict[str, Array] | None = None, stacked: dict[str
     if not cpu_kernels.active() or params.embed.dtype != jnp.float32 or params.packed is not None:
         return params
     kinds = [k for k in Layer.__dataclass_fields__ if not k.endswith("norm")]
-    n, got = len(params.layers), {}
+    whole: dict[str, cpu_kernels.Packed | None] = {}  # per kind: all layers' packed weights stacked
+    each: dict[str, list[cpu_kernels.Packed]] = {}  # per kind: each layer's, over the same memory
     for k in kinds:
         shape, n_in = tuple(getattr(params.layers[0], k).shape), _PACKED_N_IN.get(k, 1)
-        names = [f"{PACKED_PREFIX}layers.{i}.{k}" for i in range(n)]
+        names = [f"{PACKED_PREFIX}layers.{i}.{k}" for i in range(len(params.layers))]
         if flat is not None and all(name in flat for name in names):
-            one = [cpu_kernels.Packed(flat[name], shape, n_in) for name in names]
-            all_ = stacked.get(PACKED_PREFIX + k) if stacked else None
-            got[k] = (None if all_ is None else cpu_kernels.Packed(all_, shape, n_in), one)
+            each[k] = [cpu_kernels.Packed(flat[name], shape, n_in) for name in names]
+            data = (stacked or {}).get(PACKED_PREFIX + k)
+            whole[k] = None if data is None else cpu_kernels.Packed(data, shape, n_in)
         else:
-            got[k] = cpu_kernels.pack_layers([getattr(ly, k) for ly in params.layers], n_in)
-    layers = tuple(Layer(**{k: getattr(ly, k) if k.endswith("norm") else got[k][1][i]
+            whole[k], each[k] = cpu_kernels.pack_layers([getattr(ly, k) for ly in params.layers], n_in)
+    layers = tuple(Layer(**{k: getattr(ly, k) if k.endswith("norm") else each[k][i]
                             for k in Layer.__dataclass_fields__}) for i, ly in enumerate(params.layers))
     all_layers = None
-    if n and all(got[k][0] is not None for k in kinds):
+    if params.layers and all(whole[k] is not None for k in kinds):
         norms = {k: getattr(params.stacked, k) if params.stacked is not None else
                  jax.device_put(np.stack([np.asarray(getattr(ly, k)) for ly in params.layers]))
                  for k in ("attn_norm", "mlp_norm")}
-        all_layers = Layer(**norms, **{k: got[k][0] for k in kinds})
+        all_layers = Layer(**norms, **whole)
     if flat is not None and PACKED_PREFIX + "head" in flat:
         head = cpu_kernels.Packed(flat[PACKED_PREFIX + "head"], tuple(params.embed.shape[::-1]) if params.lm_head
                                   is None else tuple(params.lm_head.shape))
@@ -338,8 +339,8 @@ def hidden(params: Params, cfg: Config, tokens: Array, cache: KVCache,
     T-token verify pass within float32 noise of T one-token AR steps (greedy SSD == AR but at float32 near-ties).
 
     Where the CPU kernels take the chunk and the packed weights are also stacked, the layers run as one loop
-    (``scan_layers``): a tenth of the compiled code of the unrolled layers (the decode loop loads ~7x faster on a
-    warm start), bit for bit the same results.
+    (``scan_layers``): a tenth of the unrolled layers' compiled code, so a warm start loads the decode loop in a
+    fraction of the time, with bit for bit the same results (BENCHMARKS.md, "The layer loop as a scan").
     """
     x = params.embed[tokens].astype(jnp.float32)
     k, v = cache.k, cache.v
