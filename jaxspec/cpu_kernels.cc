@@ -472,16 +472,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxspecMatmulNT, MatmulNT,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().RemainingArgs().RemainingRets());
 
 // ---------------------------------------------------------------------------------------------------------------
-// Attention of a few query tokens over one layer of the cache (decode steps, verifies): q (B, T, KV, G, D), k and v
-// (B, S, KV, D) (the layer's slice of the stacked cache, read in place), positions (B, T); query (b, t) sees keys
-// [0, positions[b, t]]. The cache is cut into chunks of kKeyChunk keys at
-// fixed positions, and a work item is one chunk of one batch row for all its queries and KV heads (one contiguous
-// stretch of the cache, read from memory once): per (query, head), the scores of the G query heads, their softmax
-// within the chunk (its maximum m and sum l kept) and o = probabilities @ V. Whoever finishes a (query, head)'s last
-// chunk combines its chunks in chunk order: out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c. A query's
-// arithmetic thus depends on its own position only: it gets the same bits in any chunk of queries and on any number
-// of threads. A decode step at a 2k context is 32 items that both cores share; one item per (query, head), as
-// before, gave the 2 cores 3 items (one idle half the time), each a strided walk through the cache.
+// Attention of a few query tokens over one layer of the cache (decode steps, verifies): q (B, T, KV, G, D),
+// k and v (B, S, KV, D) (the layer's slice of the stacked cache, read in place), positions (B, T); query (b, t)
+// sees keys [0, positions[b, t]]. The cache is cut into chunks of kKeyChunk keys at fixed positions, and a work item
+// is one chunk of one batch row for all its queries and KV heads (one contiguous stretch of the cache, read from
+// memory once): per (query, head), the scores of the G query heads, their softmax within the chunk (its maximum m
+// and sum l kept) and o = probabilities @ V. Whoever finishes a (query, head)'s last chunk combines its chunks in
+// chunk order: out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c. A query's arithmetic thus depends on its own
+// position only: it gets the same bits in any chunk of queries and on any number of threads. A decode step at a 2k
+// context is 32 items that both cores share; one item per (query, head), as before, gave the 2 cores 3 items (one
+// idle half the time), each a strided walk through the cache.
 
 // exp for x <= 0 (x - max in a softmax), to ~2 ulp: Cody-Waite reduction by ln 2, Cephes' degree-6 polynomial.
 static inline v16 exp_neg(v16 x) {

@@ -261,8 +261,12 @@ def attend(q: Array, k_cache: Array, v_cache: Array, positions: Array, layer: Ar
     """Causal attention core of q (B, T, kv, g, hd) over the keys of layer ``layer`` of the stacked k/v (layers, B,
     S, kv, hd); returns (B, T, kv, g, hd). A few float32 query tokens on CPU (decode, verify) go to
     ``cpu_kernels.attend``'s kernel (which reads the layer in place); the rest to ``attend_jnp``."""
-    return cpu_kernels.attend(q, k_cache, v_cache, positions, layer,
-                              lambda q, k, v, pos, i: attend_jnp(q, k[i], v[i], pos))
+    return cpu_kernels.attend(q, k_cache, v_cache, positions, layer, _attend_jnp_at)
+
+
+def _attend_jnp_at(q: Array, k_cache: Array, v_cache: Array, positions: Array, layer: Array) -> Array:
+    """``attend_jnp`` over layer ``layer`` of the stacked caches (the kernel's reference and fallback)."""
+    return attend_jnp(q, k_cache[layer], v_cache[layer], positions)
 
 
 def attend_jnp(q: Array, k_cache: Array, v_cache: Array, positions: Array) -> Array:

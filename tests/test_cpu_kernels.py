@@ -267,4 +267,6 @@ def test_packed_model_decodes_losslessly() -> None:
     ar = generate(Decoder(CFG), packed, prompts, 24)
     spec = generate(SpecDecoder(CFG, drafter="ngram", ngram_k=8), packed, prompts, 24)
     assert spec.tokens == ar.tokens
+    adaptive = SpecDecoder(CFG, drafter="ngram", ngram_k=8, adaptive_k=True)  # SmolLM2's default: verify widths 1, 5, 9
+    assert generate(adaptive, packed, prompts, 24).tokens == ar.tokens
     assert generate(Decoder(CFG), params, prompts, 24).tokens == ar.tokens
