@@ -81,7 +81,7 @@ def contexts(params: Params, cfg: Config, ctxs: tuple[int, ...], capacity: int =
     print("\n| context | cache | capacity | ms/step | tokens/s | roofline tokens/s | % of roofline |")
     print("|---|---|---|---|---|---|---|")
     for (c, w), ts in secs.items():
-        t, roof = statistics.median(ts), gbs * 1e9 / bytes_per_token(cfg, c)
+        t, roof = statistics.median(ts), gbs * 1e9 / bytes_per_token(cfg, c, params=params)
         print(f"| {c} | {'whole request' if w == 0 else 'live window'} | {states[c, w].cache.max_len} | "
               f"{t / n * 1e3:.2f} | {n / t:.1f} | {roof:.1f} | {n / t / roof:.0%} |")
     prompt = rng.integers(100, cfg.vocab_size, 1001).tolist()
@@ -247,7 +247,7 @@ def main() -> None:
              tok.apply_chat_template([{"role": "user", "content": "Write a haiku about the sea."}])
              if tok.chat_template else "Once upon a time"]
     prompts = [tok.encode(t) for t in texts]
-    weight_bytes = bytes_per_token(cfg, context=len(prompts[0]) + args.max_new_tokens // 2)
+    weight_bytes = bytes_per_token(cfg, context=len(prompts[0]) + args.max_new_tokens // 2, params=params)
     probe = bandwidth_probe()
     bw = probe["concurrent"]
     print(f"## {args.ckpt}: {jax.devices()[0].device_kind}, {os.cpu_count()} cores, {cfg.dtype}, "

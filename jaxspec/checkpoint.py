@@ -520,9 +520,9 @@ def load_checkpoint(path: str | Path, dtype: str | None = None, shardings: Shard
         raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     flat, stacked, sig, packs = None, {}, {}, False
     if fast_cache is not None and shardings is None and jax.default_backend() == "cpu":
-        # Where the CPU kernels run, the copy also holds the weights packed for them (model.pack): twice the size
+        # Where the CPU kernels run, the copy also holds the weights packed for them (model.pack): up to twice the size
         packs = dtype == "float32" and cpu_kernels.active()
-        sig = fastweights.signature(path, dtype, cpu_kernels.tile() if packs else 0)
+        sig = fastweights.signature(path, dtype, cpu_kernels.packing() if packs else "")
     if not sig or sum(size for _, size, _ in sig["files"]) > FAST_WEIGHTS_MAX_BYTES:
         fast_cache = None  # the copy pays only where device_put aliases host memory, and only for a bounded size
     if fast_cache is not None:

@@ -2,7 +2,8 @@
 //
 //   jaxspec_matmul_nn: y[r, n] = sum_k x[r, k] * w[k, n]   (w is (K, N): the model's (in, out) weights)
 //   jaxspec_matmul_nt: y[r, n] = sum_k x[r, k] * w[n, k]   (w is (N, K): the tied embedding as the head)
-//   jaxspec_matmul_packed: y = x @ w for w packed in tiles of kTile columns (see pack below): the fast one
+//   jaxspec_matmul_packed: y = x @ w for w packed in tiles of kTile columns (see pack below): the fast one, with
+//                          float32 tiles or block-quantized ones that hold the same float32 values in 5-9 bits
 //   jaxspec_attend:    causal attention of a few query tokens over the live part of a layer's K/V cache
 //
 // Work is split between the caller and a persistent pool of spinning workers, each weight byte read once, by one
@@ -16,6 +17,7 @@
 #include <initializer_list>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <pthread.h>
@@ -248,6 +250,146 @@ static void pk_tile(const float* x, int64_t R, int64_t K, const float* tile, flo
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// PACKED, block-quantized: the same tiles, each tile's K rows in blocks of kQBlock rows, every weight stored as the
+// few bits that reproduce its float32 value exactly (cpu_kernels.py finds them, or keeps float32). Per block and
+// tile column c, a float32 scale d[c] (and for Q4 an offset m[c]) and per row k a code q[k][c]:
+//   Q4 (uint8 storage):  w = d * q + m, q in 0..15   (GGUF's Q4_1: SmolLM2's layers)
+//   Q8 (int8 storage):   w = d * q,     q in -128..127 (GGUF's Q8_0: its embedding, the tied head)
+// The scales are float16 values and the codes at most 8 bits, so d * q is exact in float32 and d * q + m is rounded
+// once however it is computed (here one FMA): the kernel multiplies the same float32 weights as the float32 copy,
+// in the same order as pk_micro, so its results are pk_micro's bit for bit, from 5-6x fewer bytes. A Q4 block of a
+// tile: d[kTile], m[kTile], then kQBlock / 2 rows of kTile bytes, byte (p, c) holding q[2p][c] in its low nibble
+// and q[2p + 1][c] in its high one. A Q8 block: d[kTile], then kQBlock rows of kTile codes. Work is compute more
+// than memory now: one x row takes kGroupTiles tiles at once, for enough independent sums.
+constexpr int64_t kQBlock = 32;
+constexpr int64_t kQ4Bytes = (8 + kQBlock / 2) * kTile, kQ8Bytes = (4 + kQBlock) * kTile;
+enum Fmt { kF32 = 0, kQ4 = 1, kQ8 = 2 };
+constexpr int kGroupTiles = 4;  // tiles in flight for one x row: one accumulator chain each (the FMA's latency)
+constexpr int64_t kQAhead = 1024;  // software prefetch distance in each tile's stream, bytes
+
+typedef uint8_t u8v __attribute__((vector_size(kLanes)));
+typedef int8_t s8v __attribute__((vector_size(kLanes)));
+typedef int32_t i32v __attribute__((vector_size(4 * kLanes)));
+
+static inline v16 loadf(const uint8_t* p) { v16 v; __builtin_memcpy(&v, p, sizeof v); return v; }
+
+// kLanes bytes from p, each widened to an int32 lane (sign-extended if Signed): one instruction with AVX2/AVX-512
+// (the compiler's generic byte-vector conversion went through general registers, byte by byte).
+template <bool Signed>
+static inline i32v widen(const uint8_t* p) {
+#if defined(__AVX512F__)
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (i32v)(Signed ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b));
+#elif defined(__AVX2__)
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return (i32v)(Signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
+#else
+  typedef std::conditional_t<Signed, s8v, u8v> bytes;
+  bytes raw;
+  __builtin_memcpy(&raw, p, sizeof raw);
+  return __builtin_convertvector(raw, i32v);
+#endif
+}
+
+// Tiles [0, TT) of a group (tile_bytes apart) times rows [0, RB) of x into y's columns [0, TT * kTile).
+template <int RB, int TT, int FMT>
+static void pq_micro(const float* x, int64_t ldx, const uint8_t* tile, int64_t tile_bytes, int64_t K, float* y,
+                     int64_t ldy) {
+  constexpr int64_t BB = FMT == kQ4 ? kQ4Bytes : kQ8Bytes;
+  v16 acc[RB][TT];
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TT; ++t) acc[r][t] = v16{};
+  for (int64_t b = 0; b < K / kQBlock; ++b) {
+    const float* xb = x + b * kQBlock;
+    const uint8_t* blk[TT];
+    v16 d[TT], m[TT];
+    for (int t = 0; t < TT; ++t) {
+      blk[t] = tile + t * tile_bytes + b * BB;
+      for (int64_t i = 0; i < BB; i += 64) __builtin_prefetch(blk[t] + kQAhead + i);
+      d[t] = loadf(blk[t]);
+      m[t] = FMT == kQ4 ? loadf(blk[t] + 4 * kTile) : v16{};
+    }
+    if constexpr (FMT == kQ4) {
+      for (int64_t p = 0; p < kQBlock / 2; ++p) {
+        v16 w0[TT], w1[TT];
+        for (int t = 0; t < TT; ++t) {
+          const i32v q = widen<false>(blk[t] + 8 * kTile + p * kTile);
+          w0[t] = fma(d[t], __builtin_convertvector(q & 15, v16), m[t]);
+          w1[t] = fma(d[t], __builtin_convertvector(q >> 4, v16), m[t]);
+        }
+        for (int r = 0; r < RB; ++r) {
+          const v16 xs = splat(xb[r * ldx + 2 * p]);
+          for (int t = 0; t < TT; ++t) acc[r][t] = fma(xs, w0[t], acc[r][t]);
+        }
+        for (int r = 0; r < RB; ++r) {
+          const v16 xs = splat(xb[r * ldx + 2 * p + 1]);
+          for (int t = 0; t < TT; ++t) acc[r][t] = fma(xs, w1[t], acc[r][t]);
+        }
+      }
+    } else {
+      for (int64_t k = 0; k < kQBlock; ++k) {
+        v16 w[TT];
+        for (int t = 0; t < TT; ++t) {
+          w[t] = d[t] * __builtin_convertvector(widen<true>(blk[t] + 4 * kTile + k * kTile), v16);
+        }
+        for (int r = 0; r < RB; ++r) {
+          const v16 xs = splat(xb[r * ldx + k]);
+          for (int t = 0; t < TT; ++t) acc[r][t] = fma(xs, w[t], acc[r][t]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TT; ++t) store(y + r * ldy + t * kTile, acc[r][t]);
+}
+
+// Tiles per call for RB rows: enough independent accumulator chains (RB x TT) to hide the FMA's latency.
+constexpr int tiles_for(int rows) { return rows == 1 ? kGroupTiles : rows <= 3 ? 2 : 1; }
+
+typedef void (*PQRows)(const float*, int64_t, const uint8_t*, int64_t, int64_t, float*, int64_t);
+template <int FMT, int... RB>
+struct PQTable {
+  static constexpr PQRows grouped[] = {nullptr, pq_micro<RB, tiles_for(RB), FMT>...};
+  static constexpr PQRows single[] = {nullptr, pq_micro<RB, 1, FMT>...};
+};
+template <int FMT>
+using PQ = PQTable<FMT, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10>;
+
+constexpr int64_t kQRows = kPackRows;  // x rows per block (blocks of at most 4, 5 or 6: no faster at 5-13 rows)
+
+// Rows [0, R) of x times tiles [t0, t1) of a block-quantized (K, N) weight w into y (R, N): groups of
+// kGroupTiles whole tiles, each group's tiles read from memory for the first block of x rows (equal blocks of at
+// most kQRows) and from L1/L2 for the others, dequantized in registers as they are used; a last partial group tile
+// by tile.
+template <int FMT>
+static void pq_tiles(const float* x, int64_t R, int64_t K, const uint8_t* w, int64_t N, float* y, int64_t t0,
+                     int64_t t1) {
+  const int64_t tile_bytes = K / kQBlock * (FMT == kQ4 ? kQ4Bytes : kQ8Bytes);
+  const int64_t blocks = (R + kQRows - 1) / kQRows;
+  float tmp[kQRows * kTile];
+  for (int64_t t = t0; t < t1;) {
+    const bool whole = t + kGroupTiles <= t1 && (t + kGroupTiles) * kTile <= N;
+    const int64_t n = whole ? kGroupTiles : 1;
+    for (int64_t b = 0, r = 0; b < blocks; ++b) {
+      const int64_t r1 = R * (b + 1) / blocks, rb = r1 - r, c = t * kTile;
+      if (whole) {
+        const int64_t tt = tiles_for(static_cast<int>(rb));
+        for (int64_t j = 0; j < n; j += tt)
+          PQ<FMT>::grouped[rb](x + r * K, K, w + (t + j) * tile_bytes, tile_bytes, K, y + r * N + c + j * kTile, N);
+      } else if (c + kTile <= N) {
+        PQ<FMT>::single[rb](x + r * K, K, w + t * tile_bytes, tile_bytes, K, y + r * N + c, N);
+      } else {  // the last, partial tile
+        PQ<FMT>::single[rb](x + r * K, K, w + t * tile_bytes, tile_bytes, K, tmp, kTile);
+        for (int64_t i = r; i < r1; ++i)
+          std::copy(tmp + (i - r) * kTile, tmp + (i - r) * kTile + (N - c), y + i * N + c);
+      }
+      r = r1;
+    }
+    t += n;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // A pool of workers that spin for a while after each job (decode issues one every few microseconds), then sleep.
 constexpr int kMaxThreads = 64;
 
@@ -341,8 +483,9 @@ struct Problem {
   const float* x;
   int64_t R, K;
   bool nt, packed;
+  int fmt;  // packed weights: kF32, kQ4 or kQ8 (the storage dtype: float32, uint8, int8)
   int mats;
-  const float* w[kMaxMats];
+  const void* w[kMaxMats];
   float* y[kMaxMats];
   int64_t N[kMaxMats];
   float* partial[kMaxThreads];  // NN: part i's sums over its rows of every w (part 0's are the ys themselves)
@@ -359,8 +502,16 @@ static void solve(void* ctx, int part, int parts) {
     const int64_t t0 = tiles * part / parts, t1 = tiles * (part + 1) / parts;
     for (int m = 0; m < p.mats; ++m) {
       const int64_t n = (p.N[m] + kTile - 1) / kTile;
-      for (int64_t t = std::max(t0, base); t < std::min(t1, base + n); ++t)
-        pk_tile(p.x, p.R, p.K, p.w[m] + (t - base) * p.K * kTile, p.y[m], p.N[m], t - base);
+      const int64_t lo = std::max(t0, base) - base, hi = std::min(t1, base + n) - base;
+      const auto* w = static_cast<const uint8_t*>(p.w[m]);
+      if (p.fmt == kQ4) {
+        if (lo < hi) pq_tiles<kQ4>(p.x, p.R, p.K, w, p.N[m], p.y[m], lo, hi);
+      } else if (p.fmt == kQ8) {
+        if (lo < hi) pq_tiles<kQ8>(p.x, p.R, p.K, w, p.N[m], p.y[m], lo, hi);
+      } else {
+        for (int64_t t = lo; t < hi; ++t)
+          pk_tile(p.x, p.R, p.K, static_cast<const float*>(p.w[m]) + t * p.K * kTile, p.y[m], p.N[m], t);
+      }
       base += n;
     }
     return;
@@ -370,7 +521,7 @@ static void solve(void* ctx, int part, int parts) {
       const int64_t N = p.N[m], vecs = (N + kLanes - 1) / kLanes;
       const int64_t c0 = std::min(N, vecs * part / parts * kLanes);
       const int64_t c1 = std::min(N, vecs * (part + 1) / parts * kLanes);
-      if (c0 < c1) nt_cols(p.x, p.R, p.K, p.K, p.w[m], p.K, p.y[m], N, c0, c1);
+      if (c0 < c1) nt_cols(p.x, p.R, p.K, p.K, static_cast<const float*>(p.w[m]), p.K, p.y[m], N, c0, c1);
     }
     return;
   }
@@ -386,39 +537,54 @@ static void solve(void* ctx, int part, int parts) {
   const int64_t k0 = p.K * part / parts, k1 = p.K * (part + 1) / parts;
   for (int m = 0; m < p.mats; ++m) {
     float* y = part == 0 ? p.y[m] : out;
-    nn(p.x + k0, p.R, k1 - k0, p.K, p.w[m] + k0 * p.N[m], p.N[m], p.N[m], y, p.N[m]);
+    nn(p.x + k0, p.R, k1 - k0, p.K, static_cast<const float*>(p.w[m]) + k0 * p.N[m], p.N[m], p.N[m], y, p.N[m]);
     if (part > 0) out += p.R * p.N[m];
   }
 }
 
 // layer >= 0: each weight has a leading layer axis (a scan over stacked layers) and layer `layer` is read in place.
+// Packed weights: float32 tiles (tiles, K, kTile), or block-quantized ones (tiles, K / kQBlock, block bytes) whose
+// storage dtype names the format (uint8: Q4, int8: Q8); all the weights of one call in one format.
 static ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws, ffi::RemainingRets ys, bool nt,
                          bool packed = false, int64_t layer = -1) {
   auto xd = x.dimensions();
   if (xd.size() != 2 || ws.size() != ys.size() || ws.size() < 1 || ws.size() > kMaxMats)
     return ffi::Error::InvalidArgument("jaxspec_matmul: x (R, K) and 1-4 weights, one output each");
-  Problem p{x.typed_data(), xd[0], xd[1], nt, packed, static_cast<int>(ws.size()), {}, {}, {}, {}};
+  Problem p{x.typed_data(), xd[0], xd[1], nt, packed, kF32, static_cast<int>(ws.size()), {}, {}, {}, {}};
   int64_t size = 0;
   for (int m = 0; m < p.mats; ++m) {
-    auto w = ws.get<ffi::Buffer<ffi::F32>>(m);
+    auto w = ws.get<ffi::AnyBuffer>(m);
     auto y = ys.get<ffi::Buffer<ffi::F32>>(m);
-    if (w.has_error() || y.has_error()) return ffi::Error::InvalidArgument("jaxspec_matmul: float32 buffers only");
+    if (w.has_error() || y.has_error()) return ffi::Error::InvalidArgument("jaxspec_matmul: bad buffers");
+    const ffi::DataType type = w->element_type();
+    const int fmt = !packed || type == ffi::DataType::F32 ? kF32 : type == ffi::DataType::U8 ? kQ4
+                    : type == ffi::DataType::S8 ? kQ8 : -1;
+    if (fmt < 0 || (!packed && type != ffi::DataType::F32) || (m > 0 && fmt != p.fmt))
+      return ffi::Error::InvalidArgument("jaxspec_matmul: float32 weights, or packed ones all of one format");
+    p.fmt = fmt;
     auto wd = w->dimensions();
     auto yd = (*y)->dimensions();
-    int64_t offset = 0;
+    const int64_t bytes = ffi::ByteWidth(type);
+    int64_t offset = 0;  // bytes
     if (layer >= 0) {
       if (wd.size() < 1 || layer >= wd[0]) return ffi::Error::InvalidArgument("jaxspec_matmul: layer out of range");
-      offset = layer * (w->element_count() / wd[0]);
+      offset = layer * (w->element_count() / wd[0]) * bytes;
       wd = wd.last(wd.size() - 1);
     }
-    if (packed) {
+    if (packed && fmt == kF32) {
       if (wd.size() != 3 || wd[1] != p.K || wd[2] != kTile || yd.size() != 2 || yd[0] != p.R ||
           (yd[1] + kTile - 1) / kTile != wd[0])
         return ffi::Error::InvalidArgument("jaxspec_matmul_packed: weights (tiles, K, tile) covering y (R, N)");
+    } else if (packed) {
+      if (wd.size() != 3 || p.K % kQBlock != 0 || wd[1] != p.K / kQBlock ||
+          wd[2] != (fmt == kQ4 ? kQ4Bytes : kQ8Bytes) || yd.size() != 2 || yd[0] != p.R ||
+          (yd[1] + kTile - 1) / kTile != wd[0])
+        return ffi::Error::InvalidArgument(
+            "jaxspec_matmul_packed: quantized weights (tiles, K / 32, block bytes) covering y (R, N)");
     } else if (wd.size() != 2 || (nt ? wd[1] : wd[0]) != p.K) {
       return ffi::Error::InvalidArgument("jaxspec_matmul: weights must be 2-D with x's contracting size");
     }
-    p.w[m] = w->typed_data() + offset;
+    p.w[m] = static_cast<const uint8_t*>(w->untyped_data()) + offset;
     p.y[m] = (*y)->typed_data();
     p.N[m] = packed ? yd[1] : nt ? wd[0] : wd[1];
     size += p.K * p.N[m];

@@ -6,7 +6,10 @@ which is what made a verify cost several decode steps here. ``matmul``/``matmul_
 cores (each streams its own contiguous share of the weights) and are as fast at 2-5 rows as at one. ``model.pack``'s
 ``Packed`` weights (tiles of one vector's width of columns, each tile's rows back to back) go to a third product
 kernel that streams each tile once with its sums in registers: a 9-row verify's products then cost ~1.2 decode
-steps' instead of ~1.5 (the (K, N) kernel's panels stream 8 rows at once and reload their sums). Stacked packed
+steps' instead of ~1.5 (the (K, N) kernel's panels stream 8 rows at once and reload their sums). Where a weight's
+float32 values are exactly GGUF blocks (``blockquant``: SmolLM2's Q4_1 layers and Q8_0 head), its tiles hold the
+blocks' scales and codes instead, and the kernel rebuilds the same float32 weights in registers: the same results
+bit for bit from 5-6x fewer bytes, a decode step 2.2x faster (BENCHMARKS.md, "Exact 4-bit weights"). Stacked packed
 weights (``pack_layers``, one array per kind for all layers) and the stacked KV cache are read in place at a layer
 index given at run time, so the model can loop over its layers (``model.scan_layers``) without copying a layer's
 slice. ``attend`` does a layer's attention core of a few query tokens in one call over the live keys only (the jnp
@@ -43,6 +46,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxspec import blockquant
 
 Array = jax.Array
 SOURCE = Path(__file__).with_suffix(".cc")
@@ -168,6 +173,11 @@ def tile() -> int:
     return int(lib.jaxspec_packed_tile()) if lib is not None else 0
 
 
+def packing() -> str:
+    """How ``pack`` lays weights out on this machine (a stored copy of packed weights must match it)."""
+    return f"tiles of {tile()}, exact blocks {'/'.join(blockquant.FORMATS)} of {blockquant.BLOCK}"
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["data"], meta_fields=["shape", "n_in"])
 @dataclasses.dataclass(frozen=True)
 class Packed:
@@ -182,52 +192,113 @@ class Packed:
 
     @property
     def dtype(self) -> jnp.dtype:
-        return self.data.dtype
+        """The weights' dtype: float32 for block-quantized storage too (its values are float32 ones)."""
+        return jnp.dtype(jnp.float32) if self.data.dtype in QUANT else self.data.dtype
 
     def matrix(self) -> Array:
         """The (K, N) matrix again (XLA's dots, for row counts the kernel does not take)."""
         return _unpack(self.data, math.prod(self.shape[self.n_in:]))
 
 
+# Block-quantized packed storage (``blockquant``): the storage dtype names the format, the kernel's contract.
+QUANT = {jnp.dtype(jnp.uint8): "q4", jnp.dtype(jnp.int8): "q8"}
+_HEAD_FLOATS = {"q4": 2, "q8": 1}  # float32 vectors (scale, offset) before a block's codes
+
+
 def _unpack(data: Array, n: int) -> Array:
-    """The (K, n) matrix of packed tiles ``data`` (tiles, K, tile)."""
+    """The (K, n) matrix of packed tiles ``data``: float32 (tiles, K, tile) or quantized (tiles, K / 32, bytes)."""
+    if data.dtype in QUANT:
+        data = _dequantize_tiles(data, QUANT[data.dtype])
     t, k, c = data.shape
     return data.transpose(1, 0, 2).reshape(k, t * c)[:, :n]
 
 
-def _pack_into(out: np.ndarray, w: Array | np.ndarray, n_in: int) -> None:
-    """Write ``w``'s tiles (contracting its first ``n_in`` axes) into ``out`` (tiles, K, tile)."""
+def _dequantize_tiles(data: Array, fmt: str) -> Array:
+    """Quantized packed tiles (tiles, K / 32, block bytes) as float32 ones (tiles, K, tile), in jnp."""
+    t, nb, size = data.shape
+    c = size // (_HEAD_FLOATS[fmt] * 4 + (blockquant.BLOCK // 2 if fmt == "q4" else blockquant.BLOCK))
+    floats = jax.lax.bitcast_convert_type(data[..., : _HEAD_FLOATS[fmt] * 4 * c].reshape(t, nb, -1, c, 4),
+                                          jnp.float32)
+    codes = data[..., _HEAD_FLOATS[fmt] * 4 * c:].reshape(t, nb, -1, c)
+    if fmt == "q4":
+        codes = jnp.stack([codes & 15, codes >> 4], axis=3).reshape(t, nb, blockquant.BLOCK, c)
+    w = floats[:, :, :1] * codes.astype(jnp.float32)
+    if fmt == "q4":
+        w = w + floats[:, :, 1:2]
+    return w.reshape(t, nb * blockquant.BLOCK, c)
+
+
+def _quantized_tiles(b: blockquant.Blocks, c: int) -> np.ndarray:
+    """``b``'s matrix as packed tiles of ``c`` columns, each block of a tile: its scales (and offsets) as float32
+    bytes, then its codes row by row (q4: two rows per byte, the even row in the low nibble): ``cpu_kernels.cc``."""
+    k, n = b.codes.shape
+    tiles, nb = -(-n // c), k // blockquant.BLOCK
+
+    def cols(a: np.ndarray) -> np.ndarray:  # (rows, n) -> (tiles, rows, c), zero columns past n
+        out = np.zeros((a.shape[0], tiles * c), a.dtype)
+        out[:, :n] = a
+        return out.reshape(a.shape[0], tiles, c).transpose(1, 0, 2)
+
+    parts = [cols(b.scale).view(np.uint8).reshape(tiles, nb, 4 * c)]
+    if b.fmt == "q4":
+        parts.append(cols(b.offset).view(np.uint8).reshape(tiles, nb, 4 * c))
+        q = cols(b.codes).reshape(tiles, nb, blockquant.BLOCK // 2, 2, c)
+        parts.append((q[:, :, :, 0] | (q[:, :, :, 1] << 4)).reshape(tiles, nb, -1))
+    else:
+        parts.append(cols(b.codes).view(np.uint8).reshape(tiles, nb, -1))
+    return np.concatenate(parts, axis=2).view(np.uint8 if b.fmt == "q4" else np.int8)
+
+
+def _matrix(w: Array | np.ndarray, n_in: int) -> np.ndarray:
     a = np.asarray(w)
-    k, n = math.prod(a.shape[:n_in]), math.prod(a.shape[n_in:])
-    c = out.shape[2]
-    m = np.zeros((k, out.shape[0] * c), a.dtype)
-    m[:, :n] = a.reshape(k, n)
-    out[...] = m.reshape(k, -1, c).transpose(1, 0, 2)
+    return a.reshape(math.prod(a.shape[:n_in]), -1)
 
 
-def _packed_shape(shape: Sequence[int], n_in: int) -> tuple[int, int, int]:
+def _tiles(a: np.ndarray) -> np.ndarray:
+    """The float32 (K, N) matrix ``a`` as (tiles, K, tile) (zero columns past N)."""
+    k, n = a.shape
     c = tile()
-    return -(-math.prod(shape[n_in:]) // c), math.prod(shape[:n_in]), c
+    m = np.zeros((k, -(-n // c) * c), a.dtype)
+    m[:, :n] = a
+    return m.reshape(k, -1, c).transpose(1, 0, 2)
 
 
-def pack(w: Array | np.ndarray, n_in: int = 1) -> Packed:
-    """``w`` (contracting its first ``n_in`` axes) as a ``Packed`` weight, built on the host."""
-    data = np.empty(_packed_shape(w.shape, n_in), w.dtype)
-    _pack_into(data, w, n_in)
+def _packed_arrays(ws: Sequence[Array | np.ndarray], n_in: int, exact: bool) -> list[np.ndarray]:
+    """Each of ``ws`` as packed tiles: block-quantized where every one of them is, in one format, exactly
+    (``exact``, ``blockquant.find``); else float32."""
+    mats = [_matrix(w, n_in) for w in ws]
+    if exact and all(m.dtype == np.float32 for m in mats):
+        found = [blockquant.find(mats[0])]
+        for m in mats[1:]:
+            if found[-1] is None:
+                break
+            found.append(blockquant.find(m, (found[0].fmt,)))
+        if found[-1] is not None and len(found) == len(mats):
+            return [_quantized_tiles(b, tile()) for b in found]
+    return [_tiles(m) for m in mats]
+
+
+def pack(w: Array | np.ndarray, n_in: int = 1, exact: bool = True) -> Packed:
+    """``w`` (contracting its first ``n_in`` axes) as a ``Packed`` weight, built on the host; ``exact``: in block-
+    quantized storage where that reproduces its float32 values exactly (``blockquant``)."""
+    (data,) = _packed_arrays([w], n_in, exact)
     return Packed(jax.device_put(data), tuple(w.shape), n_in)
 
 
-def pack_layers(ws: Sequence[Array | np.ndarray], n_in: int = 1) -> tuple[Packed, list[Packed]]:
-    """The same-shaped weights ``ws`` (one per layer) packed back to back: as one ``Packed`` of (layers, tiles, K,
-    tile) data (``matmul(..., layer=i)`` reads layer i of it) and as one ``Packed`` per layer over the same memory (on
-    CPU ``device_put`` aliases 64-byte-aligned host memory)."""
-    shape, dt = _packed_shape(ws[0].shape, n_in), np.dtype(ws[0].dtype)
+def pack_layers(ws: Sequence[Array | np.ndarray], n_in: int = 1, exact: bool = True
+                ) -> tuple[Packed, list[Packed]]:
+    """The same-shaped weights ``ws`` (one per layer) packed back to back (all block-quantized in one format, or
+    all float32: see ``pack``): as one ``Packed`` of (layers, *tiles) data (``matmul(..., layer=i)`` reads layer i
+    of it) and as one ``Packed`` per layer over the same memory (on CPU ``device_put`` aliases 64-byte-aligned host
+    memory)."""
+    arrays = _packed_arrays(ws, n_in, exact)
+    shape, dt = arrays[0].shape, arrays[0].dtype
     size = math.prod(shape)
     raw = np.empty(len(ws) * size + 64 // dt.itemsize, dt)
     off = (-raw.ctypes.data % 64) // dt.itemsize
     host = raw[off : off + len(ws) * size].reshape(len(ws), *shape)
-    for i, w in enumerate(ws):
-        _pack_into(host[i], w, n_in)
+    for i, a in enumerate(arrays):
+        host[i] = a
     stacked, *layers = jax.device_put([host] + [host[i] for i in range(len(ws))])
     logical = tuple(ws[0].shape)
     return Packed(stacked, logical, n_in), [Packed(a, logical, n_in) for a in layers]
@@ -238,12 +309,14 @@ def matmul(x: Array, *ws: Array | Packed, layer: Array | None = None) -> list[Ar
     for all (a layer's Q, K and V, or gate and up) when few-row float32 on CPU, else XLA's dots. ``layer`` (an int32
     scalar): the ``Packed`` weights are stacked (``pack_layers``) and layer ``layer`` of each is read in place (the
     kernels only)."""
-    if layer is not None:
-        out = [jax.ShapeDtypeStruct((x.shape[0], math.prod(w.shape[w.n_in:])), jnp.float32) for w in ws]
-        return list(_packed_at(x, jnp.asarray(layer, jnp.int32), tuple(w.data for w in ws), tuple(out)))
     packed = [isinstance(w, Packed) for w in ws]
     if any(packed) and not all(packed):
         raise ValueError("matmul: packed and plain weights in one call")
+    if all(packed) and len({w.data.dtype for w in ws}) > 1:  # one storage format per kernel call
+        return [matmul(x, w, layer=layer)[0] for w in ws]
+    if layer is not None:
+        out = [jax.ShapeDtypeStruct((x.shape[0], math.prod(w.shape[w.n_in:])), jnp.float32) for w in ws]
+        return list(_packed_at(x, jnp.asarray(layer, jnp.int32), tuple(w.data for w in ws), tuple(out)))
     if not _usable(x, ws):
         return [jnp.dot(x, w.matrix() if isinstance(w, Packed) else w, preferred_element_type=jnp.float32)
                 for w in ws]
@@ -251,6 +324,12 @@ def matmul(x: Array, *ws: Array | Packed, layer: Array | None = None) -> list[Ar
         out = [jax.ShapeDtypeStruct((x.shape[0], math.prod(w.shape[w.n_in:])), jnp.float32) for w in ws]
         return list(_packed(x, tuple(w.data for w in ws), tuple(out)))
     return list(_nn(x, tuple(ws)))
+
+
+def _weight_tangent(x: Array, w: Array, dw: Array, n: int) -> Array | float:
+    """The tangent of ``x @ w`` through packed ``w``'s own tangent (none for quantized storage: its codes are
+    integers)."""
+    return 0.0 if w.dtype in QUANT else x @ _unpack(dw, n)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -262,8 +341,8 @@ def _packed(x: Array, ws: tuple[Array, ...], out: tuple[jax.ShapeDtypeStruct, ..
 def _packed_jvp(out: tuple, primals: tuple, tangents: tuple) -> tuple:
     (x, ws), (dx, dws) = primals, tangents
     ns = [o.shape[1] for o in out]
-    return _packed(x, ws, out), tuple(dx @ _unpack(w, n) + x @ _unpack(dw, n) for w, dw, n in zip(ws, dws, ns,
-                                                                                                  strict=True))
+    return _packed(x, ws, out), tuple(dx @ _unpack(w, n) + _weight_tangent(x, w, dw, n)
+                                      for w, dw, n in zip(ws, dws, ns, strict=True))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
@@ -276,7 +355,7 @@ def _packed_at(x: Array, layer: Array, ws: tuple[Array, ...], out: tuple[jax.Sha
 def _packed_at_jvp(out: tuple, primals: tuple, tangents: tuple) -> tuple:
     (x, layer, ws), (dx, _, dws) = primals, tangents
     ns = [o.shape[1] for o in out]
-    return _packed_at(x, layer, ws, out), tuple(dx @ _unpack(w[layer], n) + x @ _unpack(dw[layer], n)
+    return _packed_at(x, layer, ws, out), tuple(dx @ _unpack(w[layer], n) + _weight_tangent(x, w[layer], dw[layer], n)
                                                 for w, dw, n in zip(ws, dws, ns, strict=True))
 
 

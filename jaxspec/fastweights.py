@@ -46,9 +46,9 @@ def path_for(cache: Path, ckpt: Path, dtype: str) -> Path:
     return cache / f"{ckpt.name}-{hashlib.sha256(str(ckpt).encode()).hexdigest()[:16]}-{dtype}.bin"
 
 
-def signature(ckpt: Path, dtype: str, packed: int = 0) -> dict[str, Any]:
-    """What the copy must agree with: the manifest's hash, every parameter file's size and mtime, and ``packed``: the
-    tile width of the packed weights it also holds (``model.pack``), 0 for none."""
+def signature(ckpt: Path, dtype: str, packed: str = "") -> dict[str, Any]:
+    """What the copy must agree with: the manifest's hash, every parameter file's size and mtime, and ``packed``: how
+    the packed weights it also holds are laid out (``cpu_kernels.packing()``), "" for none."""
     from jaxspec.files import tree_files
 
     return {"checkpoint": str(ckpt.resolve()), "dtype": dtype,

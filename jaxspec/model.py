@@ -87,12 +87,14 @@ _PACKED_N_IN = {"wo": 2}  # the weights whose first two axes are contracted; the
 PACKED_PREFIX = "packed."
 
 
-def pack(params: Params, flat: dict[str, Array] | None = None, stacked: dict[str, Array] | None = None) -> Params:
+def pack(params: Params, flat: dict[str, Array] | None = None, stacked: dict[str, Array] | None = None,
+         exact: bool = True) -> Params:
     """``params`` with a ``PackedWeights`` copy of its float32 weight matrices where the CPU kernels run (a second
     copy of the weights: decode steps and verifies read that one, long prompts' chunks the other); else unchanged.
     ``flat``: the packed arrays by ``packed_to_flat``'s names, as a fast-weights copy stored them, and ``stacked``:
     each kind's layers over the same memory (``packed.wq``: (n_layers, tiles, K, tile)), as it maps them; else
-    packed here (~2 s for SmolLM2)."""
+    packed here (~2 s for SmolLM2). ``exact``: each kind of weight in block-quantized storage where all its layers'
+    float32 values are exactly such (``blockquant``: SmolLM2's layers 4-bit, its head 8-bit), else float32."""
     if not cpu_kernels.active() or params.embed.dtype != jnp.float32 or params.packed is not None:
         return params
     kinds = [k for k in Layer.__dataclass_fields__ if not k.endswith("norm")]
@@ -106,7 +108,7 @@ def pack(params: Params, flat: dict[str, Array] | None = None, stacked: dict[str
             data = (stacked or {}).get(PACKED_PREFIX + k)
             whole[k] = None if data is None else cpu_kernels.Packed(data, shape, n_in)
         else:
-            whole[k], each[k] = cpu_kernels.pack_layers([getattr(ly, k) for ly in params.layers], n_in)
+            whole[k], each[k] = cpu_kernels.pack_layers([getattr(ly, k) for ly in params.layers], n_in, exact)
     layers = tuple(Layer(**{k: getattr(ly, k) if k.endswith("norm") else each[k][i]
                             for k in Layer.__dataclass_fields__}) for i, ly in enumerate(params.layers))
     all_layers = None
@@ -119,9 +121,9 @@ def pack(params: Params, flat: dict[str, Array] | None = None, stacked: dict[str
         head = cpu_kernels.Packed(flat[PACKED_PREFIX + "head"], tuple(params.embed.shape[::-1]) if params.lm_head
                                   is None else tuple(params.lm_head.shape))
     elif params.lm_head is None:  # tied: the head is the embedding transposed
-        head = cpu_kernels.pack(np.asarray(params.embed).T)
+        head = cpu_kernels.pack(np.asarray(params.embed).T, exact=exact)
     else:
-        head = cpu_kernels.pack(params.lm_head)
+        head = cpu_kernels.pack(params.lm_head, exact=exact)
     return params.replace(packed=PackedWeights(layers, head, all_layers))
 
 

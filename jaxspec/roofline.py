@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -98,14 +99,19 @@ def bandwidth_gbs(repeats: int = 15) -> float:
     return float(bandwidth_probe(repeats=repeats)["concurrent"])
 
 
-def bytes_per_token(cfg: Config, context: int = 0, itemsize: int | None = None) -> int:
+def bytes_per_token(cfg: Config, context: int = 0, itemsize: int | None = None, params: Any = None) -> int:
     """Bytes one decode step must read: every weight matrix once (the embedding table once, as the tied output head,
-    or twice counting a separate head; the input embedding reads one row), plus K and V of ``context`` positions."""
+    or twice counting a separate head; the input embedding reads one row), plus K and V of ``context`` positions.
+    ``params`` (``model.Params``) with packed weights: their bytes as stored instead (4-bit blocks where exact)."""
     item = itemsize or jnp.dtype(cfg.dtype).itemsize
     d, h, kv, hd, f = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_dim
+    cache = item * 2 * cfg.n_layers * context * kv * hd
+    if params is not None and params.packed is not None:
+        read = params.packed.layers, params.packed.head, params.norm  # the layers' leaves include their norms
+        return sum(a.nbytes for a in jax.tree.leaves(read)) + cache
     layer = d * (h + 2 * kv) * hd + h * hd * d + 3 * d * f + 2 * d
     weights = cfg.n_layers * layer + cfg.vocab_size * d + d + (0 if cfg.tie_embeddings else d)
-    return item * (weights + 2 * cfg.n_layers * context * kv * hd)
+    return item * weights + cache
 
 
 def roofline_tokens_per_s(cfg: Config, context: int, gbs: float) -> float:

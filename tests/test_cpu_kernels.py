@@ -270,3 +270,98 @@ def test_packed_model_decodes_losslessly() -> None:
     adaptive = SpecDecoder(CFG, drafter="ngram", ngram_k=8, adaptive_k=True)  # SmolLM2's default: verify widths 1, 5, 9
     assert generate(adaptive, packed, prompts, 24).tokens == ar.tokens
     assert generate(Decoder(CFG), params, prompts, 24).tokens == ar.tokens
+
+
+def quantized(rng: np.random.Generator, qtype: str, *shape: int, n_in: int = 1) -> np.ndarray:
+    from tinymodel import gguf_values
+
+    w = rand(rng, *shape) * 0.05
+    k = int(np.prod(shape[:n_in]))
+    return gguf_values(w.reshape(k, -1), qtype).reshape(shape)
+
+
+@pytest.mark.parametrize("qtype,storage", [("Q4_1", np.uint8), ("Q8_0", np.int8)])
+@pytest.mark.parametrize("K,Ns", [(576, [576, 192, 192]), (64, [40]), (1536, [100])])
+def test_quantized_packs_give_the_float32_packs_bits(qtype: str, storage: type, K: int, Ns: list[int]) -> None:
+    """Weights that are exactly GGUF blocks pack as their codes (5-9 bits a weight) and the kernel multiplies the
+    same float32 values in the same order as the float32 pack: the same bits at every row count, partial last
+    tiles and several weights per call included."""
+    rng = np.random.default_rng(K + len(Ns))
+    ws = [quantized(rng, qtype, K, n) for n in Ns]
+    q, f = [cpu_kernels.pack(w) for w in ws], [cpu_kernels.pack(w, exact=False) for w in ws]
+    assert all(p.data.dtype == storage and p.dtype == jnp.float32 for p in q)
+    assert all(p.data.dtype == np.float32 for p in f)
+    assert sum(p.data.nbytes for p in q) < sum(p.data.nbytes for p in f) / 3
+    assert all(np.array_equal(np.asarray(p.matrix()), w) for p, w in zip(q, ws, strict=True))
+    fn = jax.jit(lambda x, *ps: cpu_kernels.matmul(x, *ps))
+    for R in (1, 2, 3, 4, 5, 9, 13, cpu_kernels.MAX_PACKED_ROWS):
+        x = rand(rng, R, K)
+        assert uses_kernel(fn, x, *q, target="jaxspec_matmul_packed")
+        for a, b in zip(fn(x, *q), fn(x, *f), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_quantized_stacked_layers_mixed_formats_and_fallback() -> None:
+    """Stacked quantized layers read layer i in place; a call with weights of two formats is split per format; a
+    layer kind packs as blocks only if every layer is exactly blocks of one format; past the kernel's rows, XLA's
+    dots on the dequantized matrix (and derivatives through them)."""
+    rng = np.random.default_rng(7)
+    ws = [quantized(rng, "Q4_1", 9, 64, 96, n_in=2) for _ in range(3)]
+    stacked, layers = cpu_kernels.pack_layers(ws, n_in=2)
+    fstacked, flayers = cpu_kernels.pack_layers(ws, n_in=2, exact=False)
+    assert stacked.data.dtype == np.uint8 and stacked.data.shape[0] == 3
+    assert [w.data.unsafe_buffer_pointer() - stacked.data.unsafe_buffer_pointer() for w in layers] == \
+        [i * layers[0].data.nbytes for i in range(3)]
+    x = rand(rng, 5, 9 * 64)
+    at = jax.jit(lambda x, i, s: cpu_kernels.matmul(x, s, layer=i)[0])
+    for i in range(3):
+        np.testing.assert_array_equal(np.asarray(at(x, np.int32(i), stacked)), np.asarray(at(x, np.int32(i),
+                                                                                              fstacked)))
+    mixed = [ws[0], rand(rng, 9, 64, 96)]  # one layer not exactly blocks: the kind stays float32
+    assert cpu_kernels.pack_layers(mixed, n_in=2)[0].data.dtype == np.float32
+    q8 = cpu_kernels.pack(quantized(rng, "Q8_0", 576, 40))
+    plain = cpu_kernels.pack(rand(rng, 576, 24))
+    x = rand(rng, 3, 576)
+    both = jax.jit(lambda x, a, b: cpu_kernels.matmul(x, a, b))(x, q8, plain)
+    for y, w in zip(both, (q8, plain), strict=True):
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(jax.jit(lambda x, w: cpu_kernels.matmul(x, w)[0])(
+            x, w)))
+    p = layers[1]
+    big = rand(rng, cpu_kernels.MAX_PACKED_ROWS + 1, 9 * 64)
+    fn = jax.jit(lambda x, p: cpu_kernels.matmul(x, p)[0])
+    assert not uses_kernel(fn, big, p, target="jaxspec_matmul_packed")
+    w = ws[1].reshape(9 * 64, 96)
+    np.testing.assert_allclose(np.asarray(fn(big, p)), big @ w, rtol=1e-5, atol=1e-5)
+    dx = rand(rng, 2, 9 * 64)
+    _, tangent = jax.jvp(lambda x: cpu_kernels.matmul(x, p)[0], (big[:2],), (dx,))
+    np.testing.assert_allclose(np.asarray(tangent), dx @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_model_decodes_as_the_float32_one() -> None:
+    """A model whose weights are GGUF values (Q4_1 layers, a Q8_0 head, as SmolLM2's) packs as blocks; its decode
+    steps and verifies give the float32 pack's logits and caches bit for bit, and greedy n-gram drafting AR's
+    tokens."""
+    from tinymodel import CFG, gguf_quantized, trained
+
+    from jaxspec import model
+    from jaxspec.decode import Decoder, generate
+    from jaxspec.speculative import SpecDecoder
+
+    params = gguf_quantized(trained(CFG, steps=60))
+    q, f = model.pack(params), model.pack(params, exact=False)
+    assert {getattr(q.packed.stacked, k).data.dtype for k in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")} \
+        == {np.dtype(np.uint8)} and q.packed.head.data.dtype == np.int8
+    assert f.packed.head.data.dtype == np.float32
+    step = jax.jit(lambda p, t, c: model.forward(p, CFG, t, c))
+    cache = model.KVCache.create(CFG, 1, 32)
+    for tokens in (np.arange(1, 8, dtype=np.int32)[None], np.arange(8, 13, dtype=np.int32)[None],
+                   np.array([[5]], np.int32)):
+        a, b = step(q, tokens, cache), step(f, tokens, cache)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        cache = a[1]
+    prompts = [[1, 2, 3, 4, 5, 1, 2, 3], [7, 8, 9, 7, 8]]
+    ar = generate(Decoder(CFG), q, prompts, 24)
+    assert ar.tokens == generate(Decoder(CFG), f, prompts, 24).tokens
+    adaptive = SpecDecoder(CFG, drafter="ngram", ngram_k=8, adaptive_k=True)
+    assert generate(adaptive, q, prompts, 24).tokens == ar.tokens

@@ -51,7 +51,7 @@ def test_damaged_copy_falls_back_to_orbax(tmp_path, ckpt, tiny_params, damage):
                       "empty": b""}[damage])
     _, params, _ = checkpoint.load_checkpoint(ckpt, fast_cache=cache)
     assert same(params, tiny_params)
-    sig = fastweights.signature(ckpt, "float32", cpu_kernels.tile())
+    sig = fastweights.signature(ckpt, "float32", cpu_kernels.packing())
     assert fastweights.read(copy, sig, jax.devices()[0]) is not None  # rewritten
 
 

@@ -51,3 +51,26 @@ def trained(cfg: Config = CFG, steps: int = 200, seed: int = 0) -> Params:
         params, state, loss = update(params, state, jnp.asarray(batch(rng, 16, 32, cfg.vocab_size)))
     assert float(loss) < 1.0, f"tiny model did not train (loss {float(loss):.3f})"
     return params
+
+
+def gguf_values(w: np.ndarray, qtype: str) -> np.ndarray:
+    """``w`` (K, N) as llama.cpp's ``qtype`` ("Q4_1", "Q8_0") quantization leaves it, blocks along K (a GGUF
+    tensor's rows are W's columns), dequantized to float32 as ``convert`` does for a GGUF checkpoint."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    t = GGMLQuantizationType[qtype]
+    return np.ascontiguousarray(dequantize(quantize(np.ascontiguousarray(w.T), t), t).T, np.float32)
+
+
+def gguf_quantized(params: Params) -> Params:
+    """``params`` with every layer matrix's values Q4_1 ones and the head's Q8_0 ones (blocks along the contracted
+    inputs), as in SmolLM2's GGUF."""
+    def q4(w: jax.Array, n_in: int = 1) -> jax.Array:
+        a = np.asarray(w)
+        return jnp.asarray(gguf_values(a.reshape(int(np.prod(a.shape[:n_in])), -1), "Q4_1").reshape(a.shape))
+
+    layers = tuple(ly.replace(**{k: q4(getattr(ly, k), 2 if k == "wo" else 1) for k in ly.__dataclass_fields__
+                                 if not k.endswith("norm")}) for ly in params.layers)
+    head = jnp.asarray(gguf_values(np.asarray(params.lm_head), "Q8_0"))
+    return params.replace(layers=layers, lm_head=head)

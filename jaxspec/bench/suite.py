@@ -59,7 +59,7 @@ def benchmark(ckpt: str, cfg: Config, params: Params, tok: Any, modes: dict[str,
     records = run.measure(modes, params, prompts, max_new)
     probes.append(roofline.bandwidth_probe())
     probe = max(probes, key=lambda p: p["concurrent"])
-    bw, bpt = probe["concurrent"], roofline.bytes_per_token(cfg)
+    bw, bpt = probe["concurrent"], roofline.bytes_per_token(cfg, params=params)
     eos = set(tok.eos_ids)
 
     def text(ids: list[int]) -> str:
