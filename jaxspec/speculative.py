@@ -178,8 +178,9 @@ class SpecDecoder(Decoder):
     A row with no proposal verifies just its last token: the cycle is then a plain decoding step. With
     ``adaptive_k`` a row proposes at most ``ngram_k // 2`` tokens, or ``ngram_k`` while its latest proposal had at
     least ``ngram_k // 2`` accepted: long copies are taken in long verifies, and a row whose copies fail pays for
-    the short ones (a verify of 9 tokens costs ~1.55 decode steps here, of 5 ~1.27). Off by default: the third
-    compiled verify width makes the decode loop slower to load, 0.2-0.3 s per process (BENCHMARKS.md "Adaptive k").
+    the short ones (with exact 4-bit weights a verify of 5 tokens costs ~1.7 decode steps on the 2-core CPU, of 3
+    ~1.4). Off by default here; SmolLM2's profile turns it on (k = 4: proposals of 2, then 4; BENCHMARKS.md "Exact
+    4-bit weights").
 
     ``draft_spec`` makes model drafts with the cheap copy ``params.draft`` (``draft_model.with_draft``): low
     precision, narrow head. The copy travels inside the params pytree given to ``run``, so verify and prefill see
