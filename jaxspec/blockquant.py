@@ -39,7 +39,7 @@ def dequantize(b: Blocks) -> np.ndarray:
     return w + np.repeat(b.offset, BLOCK, axis=0) if b.fmt == "q4" else w
 
 
-def find(w: np.ndarray, formats: tuple[str, ...] = ("q4", "q8")) -> Blocks | None:
+def find(w: np.ndarray, formats: tuple[str, ...] = tuple(FORMATS)) -> Blocks | None:
     """``w`` (K, N) float32 as the first of ``formats`` whose blocks reproduce all of it exactly, else None."""
     if w.ndim != 2 or w.dtype != np.float32 or w.shape[0] % BLOCK or not w.size or not np.isfinite(w).all():
         return None

@@ -263,25 +263,23 @@ def _tiles(a: np.ndarray) -> np.ndarray:
     return m.reshape(k, -1, c).transpose(1, 0, 2)
 
 
-def _packed_arrays(ws: Sequence[Array | np.ndarray], n_in: int, exact: bool) -> list[np.ndarray]:
-    """Each of ``ws`` as packed tiles: block-quantized where every one of them is, in one format, exactly
-    (``exact``, ``blockquant.find``); else float32."""
-    mats = [_matrix(w, n_in) for w in ws]
-    if exact and all(m.dtype == np.float32 for m in mats):
-        found = [blockquant.find(mats[0])]
-        for m in mats[1:]:
-            if found[-1] is None:
-                break
-            found.append(blockquant.find(m, (found[0].fmt,)))
-        if found[-1] is not None and len(found) == len(mats):
-            return [_quantized_tiles(b, tile()) for b in found]
-    return [_tiles(m) for m in mats]
+def _exact_blocks(ws: Sequence[Array | np.ndarray], n_in: int) -> list[blockquant.Blocks] | None:
+    """``ws`` as block-quantized matrices if every one of them is exactly blocks of one format
+    (``blockquant.find``), else None."""
+    found: list[blockquant.Blocks] = []
+    for w in ws:
+        b = blockquant.find(_matrix(w, n_in), (found[0].fmt,) if found else tuple(blockquant.FORMATS))
+        if b is None:
+            return None
+        found.append(b)
+    return found
 
 
 def pack(w: Array | np.ndarray, n_in: int = 1, exact: bool = True) -> Packed:
     """``w`` (contracting its first ``n_in`` axes) as a ``Packed`` weight, built on the host; ``exact``: in block-
     quantized storage where that reproduces its float32 values exactly (``blockquant``)."""
-    (data,) = _packed_arrays([w], n_in, exact)
+    blocks = _exact_blocks([w], n_in) if exact else None
+    data = _quantized_tiles(blocks[0], tile()) if blocks else _tiles(_matrix(w, n_in))
     return Packed(jax.device_put(data), tuple(w.shape), n_in)
 
 
@@ -291,14 +289,18 @@ def pack_layers(ws: Sequence[Array | np.ndarray], n_in: int = 1, exact: bool = T
     all float32: see ``pack``): as one ``Packed`` of (layers, *tiles) data (``matmul(..., layer=i)`` reads layer i
     of it) and as one ``Packed`` per layer over the same memory (on CPU ``device_put`` aliases 64-byte-aligned host
     memory)."""
-    arrays = _packed_arrays(ws, n_in, exact)
-    shape, dt = arrays[0].shape, arrays[0].dtype
-    size = math.prod(shape)
+    blocks = _exact_blocks(ws, n_in) if exact else None
+
+    def packed(i: int) -> np.ndarray:  # one layer at a time: no second copy of every layer's tiles
+        return _quantized_tiles(blocks[i], tile()) if blocks else _tiles(_matrix(ws[i], n_in))
+
+    first = packed(0)
+    size, dt = first.size, first.dtype
     raw = np.empty(len(ws) * size + 64 // dt.itemsize, dt)
     off = (-raw.ctypes.data % 64) // dt.itemsize
-    host = raw[off : off + len(ws) * size].reshape(len(ws), *shape)
-    for i, a in enumerate(arrays):
-        host[i] = a
+    host = raw[off : off + len(ws) * size].reshape(len(ws), *first.shape)
+    for i in range(len(ws)):
+        host[i] = first if i == 0 else packed(i)
     stacked, *layers = jax.device_put([host] + [host[i] for i in range(len(ws))])
     logical = tuple(ws[0].shape)
     return Packed(stacked, logical, n_in), [Packed(a, logical, n_in) for a in layers]
