@@ -271,8 +271,6 @@ typedef uint8_t u8v __attribute__((vector_size(kLanes)));
 typedef int8_t s8v __attribute__((vector_size(kLanes)));
 typedef int32_t i32v __attribute__((vector_size(4 * kLanes)));
 
-static inline v16 loadf(const uint8_t* p) { v16 v; __builtin_memcpy(&v, p, sizeof v); return v; }
-
 // kLanes bytes from p, each widened to an int32 lane (sign-extended if Signed): one instruction with AVX2/AVX-512
 // (the compiler's generic byte-vector conversion went through general registers, byte by byte).
 template <bool Signed>
@@ -306,8 +304,8 @@ static void pq_micro(const float* x, int64_t ldx, const uint8_t* tile, int64_t t
     for (int t = 0; t < TT; ++t) {
       blk[t] = tile + t * tile_bytes + b * BB;
       for (int64_t i = 0; i < BB; i += 64) __builtin_prefetch(blk[t] + kQAhead + i);
-      d[t] = loadf(blk[t]);
-      m[t] = FMT == kQ4 ? loadf(blk[t] + 4 * kTile) : v16{};
+      d[t] = load(reinterpret_cast<const float*>(blk[t]));
+      m[t] = FMT == kQ4 ? load(reinterpret_cast<const float*>(blk[t] + 4 * kTile)) : v16{};
     }
     if constexpr (FMT == kQ4) {
       for (int64_t p = 0; p < kQBlock / 2; ++p) {

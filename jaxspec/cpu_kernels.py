@@ -184,7 +184,9 @@ class Packed:
     """A weight of logical ``shape`` whose first ``n_in`` axes are contracted, as the packed kernel reads it: the
     (K, N) matrix in ``ceil(N / tile())`` tiles of ``tile()`` columns, each tile's K rows back to back (zeros past
     N), so ``data`` is (tiles, K, tile()). One sequential stream per tile, each tile's sums in registers: a 9-row
-    product costs ~1.2 one-row products, where the (K, N) kernel's cost 1.5 (BENCHMARKS.md, "Packed weight tiles")."""
+    product costs ~1.2 one-row products, where the (K, N) kernel's cost 1.5 (BENCHMARKS.md, "Packed weight tiles").
+    A weight that is exactly GGUF blocks (``blockquant``) has uint8 (4-bit) or int8 (8-bit) ``data`` instead:
+    (tiles, K / 32, block bytes), each block its tile's scales (and offsets) then codes (``QUANT``)."""
 
     data: Array
     shape: tuple[int, ...]
@@ -268,7 +270,8 @@ def _exact_blocks(ws: Sequence[Array | np.ndarray], n_in: int) -> list[blockquan
     (``blockquant.find``), else None."""
     found: list[blockquant.Blocks] = []
     for w in ws:
-        b = blockquant.find(_matrix(w, n_in), (found[0].fmt,) if found else tuple(blockquant.FORMATS))
+        m = _matrix(w, n_in)
+        b = blockquant.find(m, (found[0].fmt,)) if found else blockquant.find(m)
         if b is None:
             return None
         found.append(b)

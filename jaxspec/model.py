@@ -78,7 +78,7 @@ class PackedWeights:
 
     layers: tuple[Layer, ...]
     head: cpu_kernels.Packed  # the output head as (dim, vocab): the tied embedding transposed, or lm_head
-    # The same layers stacked over the same memory (each weight a ``Packed`` of (n_layers, tiles, K, tile), the norms
+    # The same layers stacked over the same memory (each weight a ``Packed`` of (n_layers, *its tiles), the norms
     # (n_layers, dim)): ``hidden`` then runs the model as one loop over the layers (``scan_layers``), or None
     stacked: Layer | None = None
 
@@ -92,9 +92,10 @@ def pack(params: Params, flat: dict[str, Array] | None = None, stacked: dict[str
     """``params`` with a ``PackedWeights`` copy of its float32 weight matrices where the CPU kernels run (a second
     copy of the weights: decode steps and verifies read that one, long prompts' chunks the other); else unchanged.
     ``flat``: the packed arrays by ``packed_to_flat``'s names, as a fast-weights copy stored them, and ``stacked``:
-    each kind's layers over the same memory (``packed.wq``: (n_layers, tiles, K, tile)), as it maps them; else
-    packed here (~2 s for SmolLM2). ``exact``: each kind of weight in block-quantized storage where all its layers'
-    float32 values are exactly such (``blockquant``: SmolLM2's layers 4-bit, its head 8-bit), else float32."""
+    each kind's layers over the same memory (``packed.wq``: (n_layers, *its tiles)), as it maps them; else
+    packed here (~3 s for SmolLM2, finding its exact blocks). ``exact``: each kind of weight in block-quantized
+    storage where all its layers' float32 values are exactly such (``blockquant``: SmolLM2's layers 4-bit, its head
+    8-bit), else float32."""
     if not cpu_kernels.active() or params.embed.dtype != jnp.float32 or params.packed is not None:
         return params
     kinds = [k for k in Layer.__dataclass_fields__ if not k.endswith("norm")]
