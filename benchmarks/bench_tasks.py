@@ -108,11 +108,13 @@ class ForcedDrafts(SpecDecoder):
 
 
 def verify_cost(params, cfg, prompt: list[int], n: int, rounds: int, widths: tuple[int, ...] = (1, 2, 3, 5, 9),
-                k: int = 8, reps: int = 32) -> None:  # noqa: ANN001
-    """Per verify width T: seconds per cycle of an n-gram decoder (k = ``k``) forced to verify T tokens every cycle
-    (``ForcedDrafts``), seconds per isolated ``forward`` of T tokens (a jitted loop of ``reps`` at the cache window
-    and mid-request length the cycles see), both over seconds per AR step of ``generate``; interleaved rounds."""
-    cycles = {t: ForcedDrafts(cfg, drafter="ngram", ngram_min=2, ngram_max=4, ngram_k=k, force=t - 1)
+                reps: int = 32) -> None:  # noqa: ANN001
+    """Per verify width T: seconds per cycle of an n-gram decoder forced to verify T tokens every cycle
+    (``ForcedDrafts``, k = T - 1: its compiled verify lengths are 1 and T, so a cycle runs exactly T; with one k for
+    all widths every T below k + 1 ran at k + 1), seconds per isolated ``forward`` of T tokens (a jitted loop of
+    ``reps`` at the cache window and mid-request length the cycles see), both over seconds per AR step of
+    ``generate``; interleaved rounds."""
+    cycles = {t: ForcedDrafts(cfg, drafter="ngram", ngram_min=2, ngram_max=4, ngram_k=max(t - 1, 1), force=t - 1)
               for t in widths}
     window = window_len(len(prompt) + n + cycles[widths[0]].extra, capacity(cycles[widths[0]], len(prompt) + n))
     cache = KVCache.create(cfg, 1, window).replace(lengths=jnp.asarray([len(prompt) + n // 2], jnp.int32))
@@ -145,7 +147,7 @@ def verify_cost(params, cfg, prompt: list[int], n: int, rounds: int, widths: tup
             per[name].append(run(name))
     ar = np.asarray(per["ar"])
     print(f"window {window}, prompt {len(prompt)} tokens, {n} new tokens; isolated forward at length "
-          f"{len(prompt) + n // 2}; verify sizes compiled {cycles[widths[0]].verify_sizes}; AR step "
+          f"{len(prompt) + n // 2}; verify sizes compiled (1, T) each; AR step "
           f"{np.median(ar) * 1e3:.1f} ms; ratios to AR: median (lowest..highest round)\n")
     print("| T | in-cycle | isolated forward(T) | cycle / forward |\n|---|---|---|---|")
     for t in widths:

@@ -54,7 +54,8 @@ def find(w: np.ndarray, formats: tuple[str, ...] = tuple(FORMATS)) -> Blocks | N
 def _half_neighbours(x: np.ndarray, reach: int = 2) -> list[np.ndarray]:
     """The float16 value nearest to each of ``x`` (>= 0), then those 1..reach float16 steps either side, as float32
     (GGUF stores scales and offsets as float16; the one that was stored is among these)."""
-    h = x.astype(np.float16).view(np.uint16).astype(np.int32)
+    with np.errstate(over="ignore"):  # past float16's range: inf, clipped to its largest value below
+        h = x.astype(np.float16).view(np.uint16).astype(np.int32)
     out = [h]
     for i in range(1, reach + 1):
         out += [h + i, h - i]

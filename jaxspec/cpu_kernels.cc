@@ -263,7 +263,7 @@ static void pk_tile(const float* x, int64_t R, int64_t K, const float* tile, flo
 // than memory now: one x row takes kGroupTiles tiles at once, for enough independent sums.
 constexpr int64_t kQBlock = 32;
 constexpr int64_t kQ4Bytes = (8 + kQBlock / 2) * kTile, kQ8Bytes = (4 + kQBlock) * kTile;
-enum Fmt { kF32 = 0, kQ4 = 1, kQ8 = 2 };
+enum Fmt { kF32 = 0, kQ4 = 1, kQ8 = 2, kF16 = 3, kBF16 = 4 };
 constexpr int kGroupTiles = 4;  // tiles in flight for one x row: one accumulator chain each (the FMA's latency)
 constexpr int64_t kQAhead = 1024;  // software prefetch distance in each tile's stream, bytes
 
@@ -341,14 +341,80 @@ static void pq_micro(const float* x, int64_t ldx, const uint8_t* tile, int64_t t
     for (int t = 0; t < TT; ++t) store(y + r * ldy + t * kTile, acc[r][t]);
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// PACKED, 2-byte: float32 weights whose values are exactly float16 (an HF checkpoint's, widened at conversion) or
+// bfloat16 ones, stored as those 2 bytes in the float32 tiles' layout (tiles, K, kTile) and widened in registers
+// (exactly: every float16 and bfloat16 value is a float32 one). Same products in the same order as pk_micro, so
+// the same bits, from half the bytes; one x row takes kGroupTiles tiles at once, as the block formats do.
+static inline uint32_t f16_bits_to_f32_bits(uint16_t h) {  // portable widening (no F16C)
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 0x3FF;
+  if (e == 31) return sign | 0x7F800000 | (m << 13);
+  if (e) return sign | ((e + 112) << 23) | (m << 13);
+  if (!m) return sign;
+  int shift = 0;  // subnormal: normalize
+  uint32_t mm = m;
+  while (!(mm & 0x400)) { mm <<= 1; ++shift; }
+  return sign | ((113 - shift) << 23) | ((mm & 0x3FF) << 13);
+}
+
+template <int FMT>
+static inline v16 load_half(const uint8_t* p) {
+  static_assert(FMT == kF16 || FMT == kBF16);
+#if defined(__AVX512F__)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if constexpr (FMT == kF16) return (v16)_mm512_cvtph_ps(h);
+  else return (v16)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#elif defined(__AVX2__) && defined(__F16C__)
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (FMT == kF16) return (v16)_mm256_cvtph_ps(h);
+  else return (v16)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+#else
+  uint16_t h[kLanes];
+  uint32_t bits[kLanes];
+  __builtin_memcpy(h, p, sizeof h);
+  for (int i = 0; i < kLanes; ++i) bits[i] = FMT == kF16 ? f16_bits_to_f32_bits(h[i]) : uint32_t{h[i]} << 16;
+  v16 v;
+  __builtin_memcpy(&v, bits, sizeof v);
+  return v;
+#endif
+}
+
+// Tiles [0, TT) of a group (tile_bytes apart) of 2-byte weights times rows [0, RB) of x into y's columns.
+template <int RB, int TT, int FMT>
+static void ph_micro(const float* x, int64_t ldx, const uint8_t* tile, int64_t tile_bytes, int64_t K, float* y,
+                     int64_t ldy) {
+  v16 acc[RB][TT];
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TT; ++t) acc[r][t] = v16{};
+  for (int64_t k = 0; k < K; ++k) {
+    v16 w[TT];
+    for (int t = 0; t < TT; ++t) {
+      const uint8_t* wp = tile + t * tile_bytes + k * 2 * kTile;
+      if (k % (64 / (2 * kTile)) == 0) __builtin_prefetch(wp + kQAhead);
+      w[t] = load_half<FMT>(wp);
+    }
+    for (int r = 0; r < RB; ++r) {
+      const v16 xs = splat(x[r * ldx + k]);
+      for (int t = 0; t < TT; ++t) acc[r][t] = fma(xs, w[t], acc[r][t]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TT; ++t) store(y + r * ldy + t * kTile, acc[r][t]);
+}
+
 // Tiles per call for RB rows: enough independent accumulator chains (RB x TT) to hide the FMA's latency.
 constexpr int tiles_for(int rows) { return rows == 1 ? kGroupTiles : rows <= 3 ? 2 : 1; }
 
 typedef void (*PQRows)(const float*, int64_t, const uint8_t*, int64_t, int64_t, float*, int64_t);
+template <int RB, int TT, int FMT>
+constexpr PQRows micro() {
+  if constexpr (FMT == kF16 || FMT == kBF16) return ph_micro<RB, TT, FMT>;
+  else return pq_micro<RB, TT, FMT>;
+}
 template <int FMT, int... RB>
 struct PQTable {
-  static constexpr PQRows grouped[] = {nullptr, pq_micro<RB, tiles_for(RB), FMT>...};
-  static constexpr PQRows single[] = {nullptr, pq_micro<RB, 1, FMT>...};
+  static constexpr PQRows grouped[] = {nullptr, micro<RB, tiles_for(RB), FMT>()...};
+  static constexpr PQRows single[] = {nullptr, micro<RB, 1, FMT>()...};
 };
 template <int FMT>
 using PQ = PQTable<FMT, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10>;
@@ -362,11 +428,14 @@ constexpr int64_t kQRows = kPackRows;  // x rows per block (blocks of at most 4,
 template <int FMT>
 static void pq_tiles(const float* x, int64_t R, int64_t K, const uint8_t* w, int64_t N, float* y, int64_t t0,
                      int64_t t1) {
-  const int64_t tile_bytes = K / kQBlock * (FMT == kQ4 ? kQ4Bytes : kQ8Bytes);
+  const int64_t tile_bytes = FMT == kF16 || FMT == kBF16 ? K * 2 * kTile
+                             : K / kQBlock * (FMT == kQ4 ? kQ4Bytes : kQ8Bytes);
   const int64_t blocks = (R + kQRows - 1) / kQRows;
   float tmp[kQRows * kTile];
   for (int64_t t = t0; t < t1;) {
-    const bool whole = t + kGroupTiles <= t1 && (t + kGroupTiles) * kTile <= N;
+    // 2-byte tiles are read again for each block of rows: one tile at a time then, so that it stays in L1.
+    const bool half = FMT == kF16 || FMT == kBF16;
+    const bool whole = t + kGroupTiles <= t1 && (t + kGroupTiles) * kTile <= N && !(half && blocks > 1);
     const int64_t n = whole ? kGroupTiles : 1;
     for (int64_t b = 0, r = 0; b < blocks; ++b) {
       const int64_t r1 = R * (b + 1) / blocks, rb = r1 - r, c = t * kTile;
@@ -481,7 +550,7 @@ struct Problem {
   const float* x;
   int64_t R, K;
   bool nt, packed;
-  int fmt;  // packed weights: kF32, kQ4 or kQ8 (the storage dtype: float32, uint8, int8)
+  int fmt;  // packed weights: kF32, kQ4, kQ8, kF16 or kBF16 (the storage dtype: float32, uint8, int8, 2-byte)
   int mats;
   const void* w[kMaxMats];
   float* y[kMaxMats];
@@ -506,6 +575,10 @@ static void solve(void* ctx, int part, int parts) {
         if (lo < hi) pq_tiles<kQ4>(p.x, p.R, p.K, w, p.N[m], p.y[m], lo, hi);
       } else if (p.fmt == kQ8) {
         if (lo < hi) pq_tiles<kQ8>(p.x, p.R, p.K, w, p.N[m], p.y[m], lo, hi);
+      } else if (p.fmt == kF16) {
+        if (lo < hi) pq_tiles<kF16>(p.x, p.R, p.K, w, p.N[m], p.y[m], lo, hi);
+      } else if (p.fmt == kBF16) {
+        if (lo < hi) pq_tiles<kBF16>(p.x, p.R, p.K, w, p.N[m], p.y[m], lo, hi);
       } else {
         for (int64_t t = lo; t < hi; ++t)
           pk_tile(p.x, p.R, p.K, static_cast<const float*>(p.w[m]) + t * p.K * kTile, p.y[m], p.N[m], t);
@@ -541,8 +614,9 @@ static void solve(void* ctx, int part, int parts) {
 }
 
 // layer >= 0: each weight has a leading layer axis (a scan over stacked layers) and layer `layer` is read in place.
-// Packed weights: float32 tiles (tiles, K, kTile), or block-quantized ones (tiles, K / kQBlock, block bytes) whose
-// storage dtype names the format (uint8: Q4, int8: Q8); all the weights of one call in one format.
+// Packed weights: float32 tiles (tiles, K, kTile), 2-byte ones in the same layout (float16, bfloat16), or
+// block-quantized ones (tiles, K / kQBlock, block bytes); the storage dtype names the format (uint8: Q4, int8: Q8);
+// all the weights of one call in one format.
 static ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws, ffi::RemainingRets ys, bool nt,
                          bool packed = false, int64_t layer = -1) {
   auto xd = x.dimensions();
@@ -556,7 +630,8 @@ static ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws, ffi::Re
     if (w.has_error() || y.has_error()) return ffi::Error::InvalidArgument("jaxspec_matmul: bad buffers");
     const ffi::DataType type = w->element_type();
     const int fmt = !packed || type == ffi::DataType::F32 ? kF32 : type == ffi::DataType::U8 ? kQ4
-                    : type == ffi::DataType::S8 ? kQ8 : -1;
+                    : type == ffi::DataType::S8 ? kQ8 : type == ffi::DataType::F16 ? kF16
+                    : type == ffi::DataType::BF16 ? kBF16 : -1;
     if (fmt < 0 || (!packed && type != ffi::DataType::F32) || (m > 0 && fmt != p.fmt))
       return ffi::Error::InvalidArgument("jaxspec_matmul: float32 weights, or packed ones all of one format");
     p.fmt = fmt;
@@ -569,7 +644,7 @@ static ffi::Error Matmul(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws, ffi::Re
       offset = layer * (w->element_count() / wd[0]) * bytes;
       wd = wd.last(wd.size() - 1);
     }
-    if (packed && fmt == kF32) {
+    if (packed && (fmt == kF32 || fmt == kF16 || fmt == kBF16)) {
       if (wd.size() != 3 || wd[1] != p.K || wd[2] != kTile || yd.size() != 2 || yd[0] != p.R ||
           (yd[1] + kTile - 1) / kTile != wd[0])
         return ffi::Error::InvalidArgument("jaxspec_matmul_packed: weights (tiles, K, tile) covering y (R, N)");

@@ -9,7 +9,9 @@ kernel that streams each tile once with its sums in registers: a 9-row verify's 
 steps' instead of ~1.5 (the (K, N) kernel's panels stream 8 rows at once and reload their sums). Where a weight's
 float32 values are exactly GGUF blocks (``blockquant``: SmolLM2's Q4_1 layers and Q8_0 head), its tiles hold the
 blocks' scales and codes instead, and the kernel rebuilds the same float32 weights in registers: the same results
-bit for bit from 5-6x fewer bytes, a decode step 2.2x faster (BENCHMARKS.md, "Exact 4-bit weights"). Stacked packed
+bit for bit from 5-6x fewer bytes, a decode step 2.2x faster (BENCHMARKS.md, "Exact 4-bit weights"). Weights whose
+float32 values are all float16 (an HF LLaMA checkpoint's) or bfloat16 ones are stored as those 2 bytes and widened
+in registers, exactly: half the bytes, AR decode 1.8-1.9x faster, the same bits ("Exact 2-byte weights"). Stacked packed
 weights (``pack_layers``, one array per kind for all layers) and the stacked KV cache are read in place at a layer
 index given at run time, so the model can loop over its layers (``model.scan_layers``) without copying a layer's
 slice. ``attend`` does a layer's attention core of a few query tokens in one call over the live keys only (the jnp
@@ -175,7 +177,8 @@ def tile() -> int:
 
 def packing() -> str:
     """How ``pack`` lays weights out on this machine (a stored copy of packed weights must match it)."""
-    return f"tiles of {tile()}, exact blocks {'/'.join(blockquant.FORMATS)} of {blockquant.BLOCK}"
+    return (f"tiles of {tile()}, exact blocks {'/'.join(blockquant.FORMATS)} of {blockquant.BLOCK}, exact "
+            f"{'/'.join(HALF.values())}")
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["data"], meta_fields=["shape", "n_in"])
@@ -186,7 +189,9 @@ class Packed:
     N), so ``data`` is (tiles, K, tile()). One sequential stream per tile, each tile's sums in registers: a 9-row
     product costs ~1.2 one-row products, where the (K, N) kernel's cost 1.5 (BENCHMARKS.md, "Packed weight tiles").
     A weight that is exactly GGUF blocks (``blockquant``) has uint8 (4-bit) or int8 (8-bit) ``data`` instead:
-    (tiles, K / 32, block bytes), each block its tile's scales (and offsets) then codes (``QUANT``)."""
+    (tiles, K / 32, block bytes), each block its tile's scales (and offsets) then codes (``QUANT``); one whose values
+    are all exactly float16 (or bfloat16) ones, as an HF checkpoint's are, the float32 layout in that dtype
+    (``HALF``)."""
 
     data: Array
     shape: tuple[int, ...]
@@ -194,8 +199,8 @@ class Packed:
 
     @property
     def dtype(self) -> jnp.dtype:
-        """The weights' dtype: float32 for block-quantized storage too (its values are float32 ones)."""
-        return jnp.dtype(jnp.float32) if self.data.dtype in QUANT else self.data.dtype
+        """The weights' dtype: float32 for block-quantized and 2-byte storage too (its values are float32 ones)."""
+        return jnp.dtype(jnp.float32) if self.data.dtype in QUANT or self.data.dtype in HALF else self.data.dtype
 
     def matrix(self) -> Array:
         """The (K, N) matrix again (XLA's dots, for row counts the kernel does not take)."""
@@ -204,6 +209,8 @@ class Packed:
 
 # Block-quantized packed storage (``blockquant``): the storage dtype names the format, the kernel's contract.
 QUANT = {jnp.dtype(jnp.uint8): "q4", jnp.dtype(jnp.int8): "q8"}
+# 2-byte packed storage of float32 weights whose values are all exactly such (widened exactly in the kernel).
+HALF = {jnp.dtype(jnp.float16): "f16", jnp.dtype(jnp.bfloat16): "bf16"}
 _HEAD_FLOATS = {"q4": 2, "q8": 1}  # float32 vectors (scale, offset) before a block's codes
 
 
@@ -211,6 +218,8 @@ def _unpack(data: Array, n: int) -> Array:
     """The (K, n) matrix of packed tiles ``data``: float32 (tiles, K, tile) or quantized (tiles, K / 32, bytes)."""
     if data.dtype in QUANT:
         data = _dequantize_tiles(data, QUANT[data.dtype])
+    elif data.dtype in HALF:
+        data = data.astype(jnp.float32)
     t, k, c = data.shape
     return data.transpose(1, 0, 2).reshape(k, t * c)[:, :n]
 
@@ -278,25 +287,45 @@ def _exact_blocks(ws: Sequence[Array | np.ndarray], n_in: int) -> list[blockquan
     return found
 
 
+def _exact_half(ws: Sequence[Array | np.ndarray]) -> np.dtype | None:
+    """The 2-byte dtype (float16 first, then bfloat16) holding every value of every one of ``ws`` exactly (the same
+    float32 bits back: -0.0 too), else None."""
+    arrays = [np.asarray(w) for w in ws]
+    if not all(a.dtype == np.float32 and np.isfinite(a).all() for a in arrays):
+        return None
+    with np.errstate(over="ignore"):  # values past float16's range become inf: not equal, as they should
+        for dt in HALF:
+            if all(np.array_equal(a.astype(dt).astype(np.float32).view(np.uint32), a.view(np.uint32))
+                   for a in arrays):
+                return np.dtype(dt)
+    return None
+
+
+def _packer(ws: Sequence[Array | np.ndarray], n_in: int, exact: bool) -> Callable[[int], np.ndarray]:
+    """How ``ws[i]`` is packed: its exact blocks if all of ``ws`` are blocks of one format, else 2-byte tiles if all
+    are exactly one 2-byte dtype (``exact``), else float32 tiles."""
+    blocks = _exact_blocks(ws, n_in) if exact else None
+    if blocks:
+        return lambda i: _quantized_tiles(blocks[i], tile())
+    half = _exact_half(ws) if exact else None
+    if half is not None:
+        return lambda i: _tiles(_matrix(ws[i], n_in)).astype(half)
+    return lambda i: _tiles(_matrix(ws[i], n_in))
+
+
 def pack(w: Array | np.ndarray, n_in: int = 1, exact: bool = True) -> Packed:
     """``w`` (contracting its first ``n_in`` axes) as a ``Packed`` weight, built on the host; ``exact``: in block-
-    quantized storage where that reproduces its float32 values exactly (``blockquant``)."""
-    blocks = _exact_blocks([w], n_in) if exact else None
-    data = _quantized_tiles(blocks[0], tile()) if blocks else _tiles(_matrix(w, n_in))
-    return Packed(jax.device_put(data), tuple(w.shape), n_in)
+    quantized or 2-byte storage where that reproduces its float32 values exactly (``blockquant``, ``HALF``)."""
+    return Packed(jax.device_put(_packer([w], n_in, exact)(0)), tuple(w.shape), n_in)
 
 
 def pack_layers(ws: Sequence[Array | np.ndarray], n_in: int = 1, exact: bool = True
                 ) -> tuple[Packed, list[Packed]]:
-    """The same-shaped weights ``ws`` (one per layer) packed back to back (all block-quantized in one format, or
-    all float32: see ``pack``): as one ``Packed`` of (layers, *tiles) data (``matmul(..., layer=i)`` reads layer i
-    of it) and as one ``Packed`` per layer over the same memory (on CPU ``device_put`` aliases 64-byte-aligned host
-    memory)."""
-    blocks = _exact_blocks(ws, n_in) if exact else None
-
-    def packed(i: int) -> np.ndarray:  # one layer at a time: no second copy of every layer's tiles
-        return _quantized_tiles(blocks[i], tile()) if blocks else _tiles(_matrix(ws[i], n_in))
-
+    """The same-shaped weights ``ws`` (one per layer) packed back to back (all block-quantized in one format, all
+    in one 2-byte dtype, or all float32: see ``pack``): as one ``Packed`` of (layers, *tiles) data (``matmul(...,
+    layer=i)`` reads layer i of it) and as one ``Packed`` per layer over the same memory (on CPU ``device_put``
+    aliases 64-byte-aligned host memory)."""
+    packed = _packer(ws, n_in, exact)  # one layer at a time: no second copy of every layer's tiles
     first = packed(0)
     size, dt = first.size, first.dtype
     raw = np.empty(len(ws) * size + 64 // dt.itemsize, dt)

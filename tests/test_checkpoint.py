@@ -180,6 +180,22 @@ def test_bfloat16(tmp_path, hf_dir, tiny_params):
     assert_same_params(params, rounded)
 
 
+def test_float16_hf_checkpoint_packs_as_2_byte_tiles(tmp_path, tiny_cfg, tiny_params):
+    """An HF float16 checkpoint (LLaMA-2's) converted to float32 and loaded on CPU as ``generate`` loads it (with
+    the fast weight copy): its values are float16 ones, so the kernels' packed copy stores 2 bytes a weight, written
+    and read back; the logits are the float32 arrays' bit for bit."""
+    from jaxspec import cpu_kernels
+
+    tensors = {n: a.astype(np.float16) for n, a in hf_tensors(tiny_cfg, tiny_params).items()}
+    out = convert_checkpoint(tmp_path / "ckpt", hf=write_hf(tmp_path / "hf", tiny_cfg, tensors), progress=False)
+    for _ in range(2):  # writes the copy, then reads it
+        cfg, params, _ = load_checkpoint(out, fast_cache=tmp_path / "fast")
+        assert params.layers[0].wq.dtype == jnp.float32
+        if cpu_kernels.active():
+            assert params.packed.stacked.w_up.data.dtype == params.packed.head.data.dtype == jnp.float16
+        np.testing.assert_array_equal(logits(params, cfg), logits(params.replace(packed=None), cfg))
+
+
 def test_shardings_hook(saved):
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     seen = []

@@ -280,18 +280,36 @@ def quantized(rng: np.random.Generator, qtype: str, *shape: int, n_in: int = 1) 
     return gguf_values(w.reshape(k, -1), qtype).reshape(shape)
 
 
-@pytest.mark.parametrize("qtype,storage", [("Q4_1", np.uint8), ("Q8_0", np.int8)])
-@pytest.mark.parametrize("K,Ns", [(576, [576, 192, 192]), (64, [40]), (1536, [100])])
-def test_quantized_packs_give_the_float32_packs_bits(qtype: str, storage: type, K: int, Ns: list[int]) -> None:
-    """Weights that are exactly GGUF blocks pack as their codes (5-9 bits a weight) and the kernel multiplies the
-    same float32 values in the same order as the float32 pack: the same bits at every row count, partial last
-    tiles and several weights per call included."""
+def exact_values(rng: np.random.Generator, values: str, K: int, n: int) -> np.ndarray:
+    """A (K, n) float32 weight whose values are exactly GGUF blocks (``values`` Q4_1, Q8_0) or 2-byte floats (float16,
+    bfloat16: with a value float16 cannot hold, so that bfloat16 is the storage found)."""
+    if values.startswith("Q"):
+        return quantized(rng, values, K, n)
+    w = rand(rng, K, n).astype(values).astype(np.float32)
+    if values == "bfloat16":
+        w[0, 0] = np.float32(2.0**20)
+    return w
+
+
+GGUF_SHAPES = [(576, [576, 192, 192]), (64, [40]), (1536, [100])]
+HALF_SHAPES = [(576, [576, 192, 192]), (40, [130]), (1536, [576]), (7, [9, 65536 // 7 + 8])]  # K % 32 != 0 too
+
+
+@pytest.mark.parametrize("values,storage,K,Ns", [(v, s, K, Ns) for v, s in (("Q4_1", np.uint8), ("Q8_0", np.int8))
+                                                 for K, Ns in GGUF_SHAPES]
+                         + [(v, v, K, Ns) for v in ("float16", "bfloat16") for K, Ns in HALF_SHAPES])
+def test_exact_packs_give_the_float32_packs_bits(values: str, storage: type, K: int, Ns: list[int]) -> None:
+    """Weights that are exactly GGUF blocks pack as their codes (5-9 bits a weight), ones that are exactly float16
+    (an HF checkpoint's) or bfloat16 values as those 2 bytes, and the kernel multiplies the same float32 values in
+    the same order as the float32 pack: the same bits at every row count, ragged K and N, several weights per call
+    and both sides of the threads' size included."""
     rng = np.random.default_rng(K + len(Ns))
-    ws = [quantized(rng, qtype, K, n) for n in Ns]
+    ws = [exact_values(rng, values, K, n) for n in Ns]
     q, f = [cpu_kernels.pack(w) for w in ws], [cpu_kernels.pack(w, exact=False) for w in ws]
-    assert all(p.data.dtype == storage and p.dtype == jnp.float32 for p in q)
+    assert all(p.data.dtype == jnp.dtype(storage) and p.dtype == jnp.float32 for p in q)
     assert all(p.data.dtype == np.float32 for p in f)
-    assert sum(p.data.nbytes for p in q) < sum(p.data.nbytes for p in f) / 3
+    share = sum(p.data.nbytes for p in q) / sum(p.data.nbytes for p in f)
+    assert share == 0.5 if values.endswith("float16") else share < 1 / 3
     assert all(np.array_equal(np.asarray(p.matrix()), w) for p, w in zip(q, ws, strict=True))
     fn = jax.jit(lambda x, *ps: cpu_kernels.matmul(x, *ps))
     for R in (1, 2, 3, 4, 5, 9, 13, cpu_kernels.MAX_PACKED_ROWS):
@@ -337,20 +355,23 @@ def test_quantized_stacked_layers_mixed_formats_and_fallback() -> None:
     np.testing.assert_allclose(np.asarray(tangent), dx @ w, rtol=1e-5, atol=1e-5)
 
 
-def test_quantized_model_decodes_as_the_float32_one() -> None:
-    """A model whose weights are GGUF values (Q4_1 layers, a Q8_0 head, as SmolLM2's) packs as blocks; its decode
-    steps and verifies give the float32 pack's logits and caches bit for bit, and greedy n-gram drafting AR's
-    tokens."""
+@pytest.mark.parametrize("values,layers,head", [("gguf", np.uint8, np.int8), ("float16", np.float16, np.float16)])
+def test_exact_model_decodes_as_the_float32_one(values: str, layers: type, head: type) -> None:
+    """A model whose weights are GGUF values (Q4_1 layers, a Q8_0 head, as SmolLM2's) packs as blocks, one whose
+    weights are float16 values (an HF float16 checkpoint converted to float32) as 2-byte tiles; either's decode steps
+    and verifies give the float32 pack's logits and caches bit for bit, and greedy n-gram drafting AR's tokens."""
     from tinymodel import CFG, gguf_quantized, trained
 
     from jaxspec import model
     from jaxspec.decode import Decoder, generate
     from jaxspec.speculative import SpecDecoder
 
-    params = gguf_quantized(trained(CFG, steps=60))
+    params = trained(CFG, steps=60)
+    params = gguf_quantized(params) if values == "gguf" else jax.tree.map(
+        lambda a: a.astype(jnp.float16).astype(jnp.float32), params)
     q, f = model.pack(params), model.pack(params, exact=False)
     assert {getattr(q.packed.stacked, k).data.dtype for k in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")} \
-        == {np.dtype(np.uint8)} and q.packed.head.data.dtype == np.int8
+        == {np.dtype(layers)} and q.packed.head.data.dtype == head
     assert f.packed.head.data.dtype == np.float32
     step = jax.jit(lambda p, t, c: model.forward(p, CFG, t, c))
     cache = model.KVCache.create(CFG, 1, 32)
@@ -365,3 +386,25 @@ def test_quantized_model_decodes_as_the_float32_one() -> None:
     assert ar.tokens == generate(Decoder(CFG), f, prompts, 24).tokens
     adaptive = SpecDecoder(CFG, drafter="ngram", ngram_k=8, adaptive_k=True)
     assert generate(adaptive, q, prompts, 24).tokens == ar.tokens
+
+
+def test_half_storage_only_where_every_value_is_exact() -> None:
+    """float16 is preferred where both hold a weight; subnormal float16 values widen exactly; one value one ulp off
+    (or a -0.0 that a 2-byte copy would keep, but not a NaN) keeps a layer kind float32."""
+    rng = np.random.default_rng(11)
+    w = (rand(rng, 64, 40) * 1e-3).astype(np.float16).astype(np.float32)
+    w[:4, 0] = np.array([6e-8, -6e-8, 3e-5, -0.0], np.float16).astype(np.float32)  # float16 subnormals, -0.0
+    p = cpu_kernels.pack(w)
+    assert p.data.dtype == np.float16 and np.array_equal(np.asarray(p.matrix()).view(np.uint32), w.view(np.uint32))
+    x = rand(rng, 3, 64)
+    fn = jax.jit(lambda x, p: cpu_kernels.matmul(x, p)[0])
+    np.testing.assert_array_equal(np.asarray(fn(x, p)), np.asarray(fn(x, cpu_kernels.pack(w, exact=False))))
+    off = w.copy()
+    off[5, 7] = np.nextafter(off[5, 7], np.float32(1))
+    assert cpu_kernels.pack(off).data.dtype == np.float32
+    assert cpu_kernels.pack_layers([w, off])[0].data.dtype == np.float32  # every layer of a kind, or none
+    stacked, layers = cpu_kernels.pack_layers([w, w * 2])
+    assert stacked.data.dtype == np.float16 and layers[1].data.dtype == np.float16
+    bad = w.copy()
+    bad[0, 1] = np.nan
+    assert cpu_kernels.pack(bad).data.dtype == np.float32
