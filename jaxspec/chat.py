@@ -18,7 +18,19 @@ from typing import Any, TextIO
 import jax
 import numpy as np
 
-from jaxspec.decode import MIN_WINDOW, Decoder, State, bucket, commit, grow, prefill, stream, to_device, write_tokens
+from jaxspec.decode import (
+    MIN_WINDOW,
+    Decoder,
+    State,
+    bucket,
+    commit,
+    grow,
+    prefill,
+    row_tokens,
+    stream,
+    to_device,
+    write_tokens,
+)
 from jaxspec.model import Params
 from jaxspec.tokenizer import StreamDecoder
 
@@ -108,10 +120,9 @@ class ChatSession:
         t1 = time.perf_counter()
         try:
             for state in stream(self.decoder, self.params, state, self.steps_per_call):  # noqa: B020
-                n = int(state.n_out[0])
-                ids = np.asarray(state.out[0, fed:n]).tolist()
+                ids = row_tokens(state, 0, fed)
                 t_first = t_first or time.perf_counter()
-                fed = n
+                fed += len(ids)
                 piece = out.put([i for i in ids if i not in self.eos])
                 if piece:
                     yield piece
@@ -119,8 +130,8 @@ class ChatSession:
                     break
             yield out.flush()
         finally:  # also when the consumer stops early: the conversation keeps what was generated
-            n = int(state.n_out[0])
-            answer = np.asarray(state.out[0, :n]).tolist()
+            answer = row_tokens(state)
+            n = len(answer)
             self.state, self.ids = state, self.ids + answer
             content = self.tok.decode([i for i in answer if i not in self.eos])
             self.messages.append({"role": "assistant", "content": content})

@@ -372,6 +372,14 @@ def host(x: Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def row_tokens(state: State, row: int = 0, start: int = 0) -> list[int]:
+    """Row ``row``'s new tokens from ``start`` on (to ``n_out``), read on the host in one transfer of ``out`` (a
+    slice of the device array with moving bounds compiled a new slice each time it was read while streaming: a
+    streamed 48-token answer decoded at ~0.65x the speed of the same answer unstreamed)."""
+    n = int(host(state.n_out)[row])
+    return host(state.out)[row, start:n].tolist()
+
+
 def capacity_needed(decoder: Decoder, state: State) -> tuple[int, int]:
     """(slots the next step needs, slots the rest of the request needs) for ``state``'s cache (host values)."""
     lengths, rest = host(state.cache.lengths), host(state.budget) - host(state.n_out)

@@ -7,6 +7,7 @@ import select
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 import tinymodel
 
@@ -53,9 +54,22 @@ def test_turns_append_to_the_cache_and_match_single_shot(params, dec):
     chat = ChatSession(dec, params, NumberTokenizer(), max_new=12)
     history: list[int] = []
     compiled: list[int] = []  # decode loops compiled after each turn
+    compiles: list[str] = []  # the XLA compilations while a turn streams (reading the streamed tokens included)
+
+    def count(name: str, secs: float, **kw: object) -> None:
+        if name.endswith("backend_compile_duration"):
+            compiles.append(str(kw.get("fun_name", name)))
+
     for turn, (start, stride) in enumerate([(10, 3), (50, 2), (7, 1)]):
         before = list(chat.ids)
-        text = "".join(chat.send(numbers(start, stride, 5)))
+        jax.monitoring.register_event_duration_secs_listener(count)
+        try:
+            text = "".join(chat.send(numbers(start, stride, 5)))
+        finally:
+            jax.monitoring.unregister_event_duration_listener(count)
+        if turn == 2:  # a warm conversation (the first append compiled in turn 2) compiles nothing, streaming included
+            assert compiles == [], f"turn {turn + 1} compiled: {compiles}"
+        compiles.clear()
         new = chat.ids[len(before):]
         prompt_new = chat.last["new_prompt_tokens"]
         answer = new[prompt_new:]

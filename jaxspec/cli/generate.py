@@ -30,7 +30,7 @@ from jaxspec import aot, cli, distributed, phrases, validate  # noqa: E402
 from jaxspec.batch import run_batch_job  # noqa: E402
 from jaxspec.checkpoint import CheckpointError, cache_dir, fast_cache_dir, load, resolve  # noqa: E402
 from jaxspec.config import SkipMask  # noqa: E402
-from jaxspec.decode import Decoder, Result, generate, result_stats  # noqa: E402
+from jaxspec.decode import Decoder, Result, generate, host, result_stats, row_tokens  # noqa: E402
 from jaxspec.draft_model import PRECISIONS, DraftSpec, with_draft  # noqa: E402
 from jaxspec.profile import DEFAULT, Profile, find_profile, load_profile  # noqa: E402
 from jaxspec.sampling import Sampling  # noqa: E402
@@ -215,13 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         out, fed = StreamDecoder(tok), [0]
 
         def on_update(state) -> None:  # noqa: ANN001 - decode.State
-            n = int(state.n_out[0])
-            ids = state.out[0, fed[0] : n].tolist()
-            if bool(state.done[0]) and ids and ids[-1] in eos:
+            ids = row_tokens(state, 0, fed[0])
+            fed[0] += len(ids)
+            if host(state.done)[0] and ids and ids[-1] in eos:
                 ids = ids[:-1]  # the end-of-sequence token that stopped generation is not printed
             sys.stdout.write(out.put(ids))
             sys.stdout.flush()
-            fed[0] = n
 
         res = generate(decoder, params, [ids], args.max_new_tokens, seed=args.seed,
                        on_update=on_update if stream else None, steps_per_call=8 if stream else 1 << 30, **kw)
