@@ -178,6 +178,13 @@ def test_bfloat16(tmp_path, hf_dir, tiny_params):
     cfg, params, _ = load_checkpoint(out, dtype="bfloat16")
     assert cfg.dtype == "bfloat16" and params.layers[0].wq.dtype == jnp.bfloat16
     assert_same_params(params, rounded)
+    from jaxspec import cpu_kernels
+
+    for _ in range(2):  # as generate.py loads it on CPU: float32 with the fast copy (written, then read back)
+        cfg, params, _ = load_checkpoint(out, fast_cache=tmp_path / "fast")
+        if cpu_kernels.active():  # 2 bytes a weight (float16 where the values happen to fit it too)
+            assert params.packed.stacked.wq.data.dtype.itemsize == params.packed.head.data.dtype.itemsize == 2
+        np.testing.assert_array_equal(logits(params, cfg), logits(params.replace(packed=None), cfg))
 
 
 def test_float16_hf_checkpoint_packs_as_2_byte_tiles(tmp_path, tiny_cfg, tiny_params):
