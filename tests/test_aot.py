@@ -3,6 +3,7 @@ damaged cache file falls back to compiling."""
 
 import json
 
+import jax
 import jax.numpy as jnp
 import pytest
 import tinymodel
@@ -88,6 +89,12 @@ def test_keys_separate_decoders_shapes_and_configs(params, cache):
     assert aot.key(_prefill_layer, (layer, CFG, x[:, :8], c.k, c.v, i, c.lengths), (1,)) not in pre
     # Python scalars are not arrays: such a call is not cached (plain jit)
     assert aot.key(Decoder.run, (dec, params, state, 1), (0,)) is None
+    # The params' remembered part of a key (the same object every call) is the part of that object only: other
+    # params of other shapes or dtypes get their own key, and equal ones the same key
+    assert aot.key(Decoder.run, (dec, params, state, steps), (0,)) == base  # remembered by now
+    wider = params.replace(embed=jnp.zeros((params.embed.shape[0], CFG.dim), jnp.bfloat16))
+    assert aot.key(Decoder.run, (dec, wider, state, steps), (0,)) not in [base, *others]
+    assert aot.key(Decoder.run, (dec, jax.tree.map(lambda a: a + 0, params), state, steps), (0,)) == base
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
