@@ -95,7 +95,7 @@ def pack(params: Params, flat: dict[str, Array] | None = None, stacked: dict[str
     each kind's layers over the same memory (``packed.wq``: (n_layers, *its tiles)), as it maps them; else
     packed here (~3 s for SmolLM2, finding its exact blocks). ``exact``: each kind of weight in block-quantized
     storage where all its layers' float32 values are exactly such (``blockquant``: SmolLM2's layers 4-bit, its head
-    8-bit), else float32."""
+    8-bit), else in 2 bytes where they are all float16 or bfloat16 values (an HF checkpoint's), else float32."""
     if not cpu_kernels.active() or params.embed.dtype != jnp.float32 or params.packed is not None:
         return params
     kinds = [k for k in Layer.__dataclass_fields__ if not k.endswith("norm")]
