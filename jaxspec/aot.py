@@ -115,7 +115,7 @@ def _arg_part(a: Any) -> str | None:
         out.append(_leaf(x.shape, x.dtype, x.aval.weak_type, x.sharding, x.committed))
     part = "\n".join(out)
     params = getattr(type(a), "__dataclass_params__", None)
-    if params is not None and params.frozen and len(leaves) >= 16:
+    if params is not None and params.frozen and hasattr(a, "__weakref__") and len(leaves) >= 16:
         _parts[id(a)] = (weakref.ref(a), part)  # not kept alive by this (a model's weights): a dead one never matches
         while len(_parts) > 8:  # the least recently used first
             del _parts[next(iter(_parts))]
