@@ -15,6 +15,7 @@ the LLaMA-2 / CodeLlama names are converted from a Hugging Face download with ``
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import json
 import logging
@@ -47,6 +48,9 @@ from jaxspec.model import (
     Layer,
     Params,
     pack,
+    pack_streamed,
+    packed_only_from_flat,
+    packed_only_to_flat,
     packed_to_flat,
     param_shapes,
     params_from_flat,
@@ -375,6 +379,8 @@ def save_params(path: str | Path, cfg: Config, params: Params, tokenizer: Tokeni
 
 
 FAST_WEIGHTS_MAX_BYTES = 8 << 30  # largest checkpoint (parameter files on disk) given a memory-mapped copy
+LEAN_FROM_BYTES = 8 << 30  # float32 parameters above this load on CPU as packed layers only (``_load_lean``)
+LEAN = "float32-lean"  # the fast weight copy of such a load (``fastweights.path_for``'s dtype)
 
 
 def checkpoint_size(path: str | Path) -> int:
@@ -518,6 +524,10 @@ def load_checkpoint(path: str | Path, dtype: str | None = None, shardings: Shard
     dtype = dtype or ("float32" if jax.default_backend() == "cpu" else cfg.dtype)
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if (shardings is None and dtype == "float32" and jax.default_backend() == "cpu" and cpu_kernels.active()
+            and sum(math.prod(s) for s in stored.values()) * 4 > LEAN_FROM_BYTES):
+        return cfg.replace(dtype=dtype), _load_lean(path, cfg, stored, fast_cache), _checkpoint_tokenizer(path,
+                                                                                                          manifest)
     flat, stacked, sig, packs = None, {}, {}, False
     if fast_cache is not None and shardings is None and jax.default_backend() == "cpu":
         # Where the CPU kernels run, the copy also holds the weights packed for them (model.pack): up to twice the size
@@ -541,12 +551,7 @@ def load_checkpoint(path: str | Path, dtype: str | None = None, shardings: Shard
                 print(f"jaxspec: could not write the fast weight copy {fast} ({_line(e)})", file=sys.stderr)
             else:
                 flat, stacked = fastweights.read(fast, sig, jax.devices()[0]) or (flat, {})  # as later runs get
-    tokenizer = None
-    if manifest.get("tokenizer"):
-        try:
-            tokenizer = _tokenizer().from_dir(path / "tokenizer")
-        except Exception as e:
-            raise CheckpointError(f"{path / 'tokenizer'}: unreadable tokenizer ({_line(e)})") from e
+    tokenizer = _checkpoint_tokenizer(path, manifest)
     packed = {n: flat.pop(n) for n in [n for n in flat if n.startswith(PACKED_PREFIX)]}
     params = params_from_flat(cfg, flat)
     if set(Layer.__dataclass_fields__) <= set(stacked):  # the copy's layers, also stacked over the same memory
@@ -554,6 +559,70 @@ def load_checkpoint(path: str | Path, dtype: str | None = None, shardings: Shard
     if packed:
         params = pack(params, packed, stacked)
     return cfg.replace(dtype=dtype), params, tokenizer
+
+
+def _checkpoint_tokenizer(path: Path, manifest: Mapping[str, Any]) -> Tokenizer | None:
+    if not manifest.get("tokenizer"):
+        return None
+    try:
+        return _tokenizer().from_dir(path / "tokenizer")
+    except Exception as e:
+        raise CheckpointError(f"{path / 'tokenizer'}: unreadable tokenizer ({_line(e)})") from e
+
+
+def _load_lean(path: Path, cfg: Config, stored: Mapping[str, tuple[int, ...]], fast_cache: str | Path | None
+               ) -> Params:
+    """Params of a checkpoint too large for its float32 layers and their packed copy to share host memory: restored a
+    layer at a time and packed as they come (``model.pack_streamed``); only the packed layers stay (LLaMA-2-7B:
+    13.5 GB of 2-byte tiles instead of 27 GB of float32 and a copy). A float16 or bfloat16 checkpoint's matrices are
+    read and packed in their own dtype (every value exact by construction), a float32 one's as float32.
+    ``fast_cache``: as ``load_checkpoint``'s, a memory-mapped copy of the packed params (no size limit: it is the
+    only copy in memory), read when it matches, else written once packed."""
+    fast = sig = None
+    if fast_cache is not None:
+        sig = fastweights.signature(path, LEAN, cpu_kernels.packing())
+        fast = fastweights.path_for(Path(fast_cache), path, LEAN)
+        if (got := fastweights.read(fast, sig, jax.devices()[0])) is not None:
+            with contextlib.suppress(KeyError):  # a copy without every array stacked: packed again, not rewritten
+                return packed_only_from_flat(cfg, *got)
+            fast = None
+    params = _restore_packed(path, cfg, stored)
+    if fast is not None:
+        try:
+            fastweights.write(fast, sig, packed_only_to_flat(params))
+        except OSError as e:  # a full or read-only cache: packed again next time
+            print(f"jaxspec: could not write the fast weight copy {fast} ({_line(e)})", file=sys.stderr)
+        else:
+            with contextlib.suppress(KeyError, TypeError):
+                params = packed_only_from_flat(cfg, *fastweights.read(fast, sig, jax.devices()[0]))  # mapped
+    return params
+
+
+def _restore_packed(path: Path, cfg: Config, stored: Mapping[str, tuple[int, ...]]) -> Params:
+    """``_load_lean`` from the checkpoint itself."""
+    kinds = {k for k in Layer.__dataclass_fields__ if not k.endswith("norm")}
+    matrices = {n for n in stored if n == "lm_head" or (n.startswith("layers.") and n.split(".")[-1] in kinds)}
+    like = cfg.dtype if cfg.dtype in ("float16", "bfloat16") else None
+    per_layer = sorted(n for n in matrices if n.startswith("layers.0."))
+    need = 4 * sum(math.prod(s) for n, s in stored.items() if n not in matrices) + (2 if like else 4) * sum(
+        math.prod(stored[n]) for n in matrices)  # an upper bound but for 4-/8-bit blocks
+    _check_memory(path, need, "packed for this CPU")
+
+    def read(names: list[str], dtype: str) -> dict[str, np.ndarray]:
+        got = _restore(path, cfg, {n: stored[n] for n in names}, dtype, None, check=False)
+        return {n: np.asarray(a) for n, a in got.items()}
+
+    def layer(i: int) -> dict[str, np.ndarray]:
+        got = read([n.replace("layers.0.", f"layers.{i}.", 1) for n in per_layer], like or "float32")
+        return {n.split(".", 2)[2]: a for n, a in got.items()}
+
+    small = read(sorted(n for n in stored if n not in matrices), "float32")
+    if "lm_head" in stored:
+        small |= read(["lm_head"], like or "float32")
+    try:
+        return pack_streamed(cfg, small, layer, like)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: cannot be loaded packed for this CPU ({_line(e)})") from e
 
 
 def available_memory() -> int | None:
@@ -566,26 +635,31 @@ def available_memory() -> int | None:
         return None
 
 
-def _check_memory(path: Path, stored: Mapping[str, tuple[int, ...]], dtype: str) -> None:
-    """Raise CheckpointError, before reading anything, if restoring the parameters as ``dtype`` into host memory
-    (XLA:CPU's devices) cannot fit: the kernel would kill the process part-way, with no message."""
-    need = sum(math.prod(s) for s in stored.values()) * jnp.dtype(dtype).itemsize
+def _check_memory(path: Path, need: int, what: str) -> None:
+    """Raise CheckpointError, before reading anything, if ``need`` bytes of parameters (stored ``what``) cannot fit in
+    host memory (XLA:CPU's devices): the kernel would kill the process part-way, with no message."""
     have = available_memory()
     if have is not None and need > have:
-        raise CheckpointError(f"{path}: its parameters take {need / 1e9:.1f} GB as {dtype}, more than the "
+        raise CheckpointError(f"{path}: its parameters take {need / 1e9:.1f} GB {what}, more than the "
                               f"{have / 1e9:.1f} GB of memory this machine has available; use a machine with more "
                               "memory, or an accelerator (--dtype bfloat16)")
 
 
 def _restore(path: Path, cfg: Config, stored: Mapping[str, tuple[int, ...]], dtype: str,
-             shardings: Shardings) -> dict[str, jax.Array]:
-    """The flat parameters restored by orbax, cast to ``dtype`` and placed by ``shardings``."""
-    if jax.default_backend() == "cpu":
-        _check_memory(path, stored, dtype)
+             shardings: Shardings, check: bool = True) -> dict[str, jax.Array]:
+    """The flat parameters ``stored`` names (all of them, or some: ``check`` False) restored by orbax, cast to
+    ``dtype`` and placed by ``shardings``."""
+    if check and jax.default_backend() == "cpu":
+        _check_memory(path, sum(math.prod(s) for s in stored.values()) * jnp.dtype(dtype).itemsize, f"as {dtype}")
     place = _sharding_fn(shardings)
     target = {n: jax.ShapeDtypeStruct(s, jnp.dtype(dtype), sharding=place(n, s)) for n, s in stored.items()}
     ocp = _orbax()
     try:
+        if not check:  # some of the parameters (checked as a whole by the caller)
+            with _quiet_absl():
+                return ocp.PyTreeCheckpointer().restore(path / "params", args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True))
         with _quiet_absl(), ocp.StandardCheckpointer() as ckptr:
             on_disk = ckptr.metadata(path / "params").item_metadata.tree
             _check_params({n: m.shape for n, m in on_disk.items()}, cfg, f"{path / 'params'}")

@@ -327,15 +327,43 @@ def pack_layers(ws: Sequence[Array | np.ndarray], n_in: int = 1, exact: bool = T
     aliases 64-byte-aligned host memory)."""
     packed = _packer(ws, n_in, exact)  # one layer at a time: no second copy of every layer's tiles
     first = packed(0)
-    size, dt = first.size, first.dtype
-    raw = np.empty(len(ws) * size + 64 // dt.itemsize, dt)
-    off = (-raw.ctypes.data % 64) // dt.itemsize
-    host = raw[off : off + len(ws) * size].reshape(len(ws), *first.shape)
+    host = layers_buffer(len(ws), first)
     for i in range(len(ws)):
         host[i] = first if i == 0 else packed(i)
-    stacked, *layers = jax.device_put([host] + [host[i] for i in range(len(ws))])
-    logical = tuple(ws[0].shape)
-    return Packed(stacked, logical, n_in), [Packed(a, logical, n_in) for a in layers]
+    return device_layers(host, tuple(ws[0].shape), n_in)
+
+
+def layers_buffer(n: int, first: np.ndarray) -> np.ndarray:
+    """An (n, *first.shape) host array of ``first``'s dtype, 64-byte aligned (``device_put`` then aliases it)."""
+    raw = np.empty(n * first.size + 64 // first.dtype.itemsize, first.dtype)
+    off = (-raw.ctypes.data % 64) // first.dtype.itemsize
+    return raw[off : off + n * first.size].reshape(n, *first.shape)
+
+
+def device_layers(host: np.ndarray, shape: tuple[int, ...], n_in: int) -> tuple[Packed, list[Packed]]:
+    """The packed layers ``host`` (``layers_buffer``) of logical ``shape`` as one stacked ``Packed`` and one per layer,
+    all over the same memory."""
+    stacked, *layers = jax.device_put([host] + [host[i] for i in range(len(host))])
+    return Packed(stacked, shape, n_in), [Packed(a, shape, n_in) for a in layers]
+
+
+def pack_like(w: Array | np.ndarray, n_in: int = 1, like: np.dtype | None = None) -> np.ndarray:
+    """The host tiles of one weight (see ``pack``): in its exact storage when ``like`` is None, else in storage
+    ``like`` (the tiles' dtype: another layer's), which must hold it exactly (ValueError otherwise). Lets weights that
+    are read one layer at a time be packed into one stacked buffer without a pass over all of them first."""
+    if like is None:
+        return _packer([w], n_in, True)(0)
+    like = jnp.dtype(like)
+    if like in QUANT:
+        b = blockquant.find(_matrix(w, n_in), (QUANT[like],))
+        if b is None:
+            raise ValueError(f"not exactly {QUANT[like]} blocks, as the other layers' weights are")
+        return _quantized_tiles(b, tile())
+    a = _matrix(w, n_in)
+    if like in HALF and not (a.dtype == like or (np.isfinite(a).all() and np.array_equal(
+            a.astype(like).astype(np.float32).view(np.uint32), a.astype(np.float32).view(np.uint32)))):
+        raise ValueError(f"not exactly {like} values, as the other layers' weights are")
+    return _tiles(a).astype(like, copy=False)
 
 
 def matmul(x: Array, *ws: Array | Packed, layer: Array | None = None) -> list[Array]:

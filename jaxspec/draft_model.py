@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec import cpu_kernels
 from jaxspec.config import Config, SkipMask
 from jaxspec.model import KVCache, Params, _write, attend, forward, hidden, logits_of, pytree, rms_norm, rope
 
@@ -129,18 +130,23 @@ class DraftParams:
     head_ids: Array | None  # (N,) int32 token id of each head column; None with the full vocabulary
 
 
+def _dense(w: Array | cpu_kernels.Packed) -> Array:
+    """A weight as its float32 array (packed-only params, ``model.pack_streamed``, hold the layers as tiles)."""
+    return w.matrix().reshape(w.shape) if isinstance(w, cpu_kernels.Packed) else w
+
+
 def make_draft(params: Params, cfg: Config, spec: DraftSpec, ranking: np.ndarray | None = None) -> DraftParams:
     """The draft's copy of ``params`` for ``spec``; ``ranking`` lists token ids most frequent first (a narrow head
     takes its first ``spec.head``; default: token id order, which byte-pair merge order makes roughly frequency)."""
     layers = None
     if spec.precision != "float32":
         def one(ly) -> DraftLayer:  # noqa: ANN001 - model.Layer
-            d = cfg.dim
-            qkv = jnp.concatenate([ly.wq.reshape(d, -1), ly.wk.reshape(d, -1), ly.wv.reshape(d, -1)], axis=1)
+            d, w = cfg.dim, {k: _dense(getattr(ly, k)) for k in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}
+            qkv = jnp.concatenate([w["wq"].reshape(d, -1), w["wk"].reshape(d, -1), w["wv"].reshape(d, -1)], axis=1)
             return DraftLayer(attn_norm=ly.attn_norm, qkv=quantize(qkv, spec.precision),
-                              wo=quantize(ly.wo.reshape(-1, d), spec.precision), mlp_norm=ly.mlp_norm,
-                              gate_up=quantize(jnp.concatenate([ly.w_gate, ly.w_up], axis=1), spec.precision),
-                              down=quantize(ly.w_down, spec.precision))
+                              wo=quantize(w["wo"].reshape(-1, d), spec.precision), mlp_norm=ly.mlp_norm,
+                              gate_up=quantize(jnp.concatenate([w["w_gate"], w["w_up"]], axis=1), spec.precision),
+                              down=quantize(w["w_down"], spec.precision))
         layers = tuple(one(ly) for ly in params.layers)
     head = head_ids = None
     if spec.head and spec.head < cfg.vocab_size:
@@ -149,7 +155,7 @@ def make_draft(params: Params, cfg: Config, spec: DraftSpec, ranking: np.ndarray
             raise ValueError(f"the token ranking has {len(ids)} tokens; the draft head needs {spec.head}")
         head_ids = jnp.asarray(np.sort(ids[: spec.head]), jnp.int32)
     if head_ids is not None or spec.precision != "float32":
-        full = params.embed.T if params.lm_head is None else params.lm_head  # (dim, vocab)
+        full = params.embed.T if params.lm_head is None else _dense(params.lm_head)  # (dim, vocab)
         head = quantize(full if head_ids is None else full[:, head_ids], spec.precision)
     return DraftParams(layers=layers, head=head, head_ids=head_ids)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
@@ -126,6 +127,75 @@ def pack(params: Params, flat: dict[str, Array] | None = None, stacked: dict[str
     else:
         head = cpu_kernels.pack(params.lm_head, exact=exact)
     return params.replace(packed=PackedWeights(layers, head, all_layers))
+
+
+def pack_streamed(cfg: Config, small: dict[str, Array], layer: Callable[[int], dict[str, Array]],
+                  like: str | None = None) -> Params:
+    """Packed params (``pack``) for a model whose float32 matrices are never all in memory at once: ``small`` holds
+    the other parameters by name (float32 embeddings and norms, ``lm_head`` if untied), ``layer(i)`` reads layer i's
+    matrices (by kind: ``wq``, ...), packed at once into per-kind buffers of all layers. Each kind is stored as its
+    layer 0 packs exactly (``cpu_kernels.pack``), or as ``like`` (a 2-byte dtype's name: the checkpoint's own, in
+    which the matrices may come), and every later layer must pack alike (ValueError). The result has no float32 copy
+    of the layers: ``layers`` and ``stacked`` are the packed weights, which long chunks read through XLA's dots of
+    their widened matrices, and a packed ``lm_head`` where it is untied. Host memory: the packed model plus one
+    layer's matrices."""
+    kinds = [k for k in Layer.__dataclass_fields__ if not k.endswith("norm")]
+    shapes = param_shapes(cfg)
+    host: dict[str, np.ndarray] = {}
+    for i in range(cfg.n_layers):
+        for k, w in layer(i).items():
+            try:
+                tiles = cpu_kernels.pack_like(w, _PACKED_N_IN.get(k, 1), host[k].dtype if k in host else like)
+            except ValueError as e:
+                raise ValueError(f"layers.{i}.{k}: {e}") from None
+            if k not in host:
+                host[k] = cpu_kernels.layers_buffer(cfg.n_layers, tiles)
+            elif tiles.shape != host[k].shape[1:]:
+                raise ValueError(f"layers.{i}.{k}: packs as {tiles.shape}, layer 0 as {host[k].shape[1:]}")
+            host[k][i] = tiles
+    whole, each = {}, {}
+    for k in kinds:
+        whole[k], each[k] = cpu_kernels.device_layers(host.pop(k), shapes[f"layers.0.{k}"], _PACKED_N_IN.get(k, 1))
+    lm_head = small.get("lm_head")
+    w = np.asarray(small["embed"]).T if lm_head is None else lm_head
+    head = cpu_kernels.Packed(jax.device_put(cpu_kernels.pack_like(w, 1, like)), tuple(w.shape))
+    norms = {k: jax.device_put(np.stack([np.asarray(small[f"layers.{i}.{k}"]) for i in range(cfg.n_layers)]))
+             for k in ("attn_norm", "mlp_norm")}
+    return _packed_only(cfg, small, each, Layer(**norms, **whole), head)
+
+
+def _packed_only(cfg: Config, small: dict[str, Array], each: dict[str, list[cpu_kernels.Packed]], stacked: Layer,
+                 head: cpu_kernels.Packed) -> Params:
+    """Params whose layers are packed only: ``each`` kind's packed layers, ``stacked`` the same and the norms as
+    (n_layers, ...) arrays, the per-layer norms, embeddings and final norm in ``small``."""
+    layers = tuple(Layer(**{k: each[k][i] if k in each else small[f"layers.{i}.{k}"]
+                            for k in Layer.__dataclass_fields__}) for i in range(cfg.n_layers))
+    return Params(embed=small["embed"], layers=layers, norm=small["norm"], lm_head=None if cfg.tie_embeddings
+                  else head, stacked=stacked, packed=PackedWeights(layers, head, stacked))
+
+
+def packed_only_to_flat(params: Params) -> dict[str, Array]:
+    """The arrays of ``pack_streamed``'s params by name (``packed_to_flat``'s, embeddings and norms) for a fast
+    weight copy; ``packed_only_from_flat`` takes them back."""
+    flat = packed_to_flat(params) | {"embed": params.embed, "norm": params.norm}
+    for i, ly in enumerate(params.layers):
+        flat |= {f"layers.{i}.attn_norm": ly.attn_norm, f"layers.{i}.mlp_norm": ly.mlp_norm}
+    return flat
+
+
+def packed_only_from_flat(cfg: Config, flat: dict[str, Array], stacked: dict[str, Array]) -> Params:
+    """``pack_streamed``'s params from ``packed_only_to_flat``'s arrays, with each kind of layer array stacked over
+    the same memory in ``stacked`` (as a fast weight copy maps them: ``packed.wq``, ``attn_norm``); KeyError if an
+    array (or a kind's stacked one) is missing."""
+    shapes = param_shapes(cfg)
+    each, whole = {}, {}
+    for k in (k for k in Layer.__dataclass_fields__ if not k.endswith("norm")):
+        shape, n_in = shapes[f"layers.0.{k}"], _PACKED_N_IN.get(k, 1)
+        each[k] = [cpu_kernels.Packed(flat[f"{PACKED_PREFIX}layers.{i}.{k}"], shape, n_in) for i in range(cfg.n_layers)]
+        whole[k] = cpu_kernels.Packed(stacked[PACKED_PREFIX + k], shape, n_in)
+    head = cpu_kernels.Packed(flat[PACKED_PREFIX + "head"], (cfg.dim, cfg.vocab_size))
+    return _packed_only(cfg, flat, each, Layer(attn_norm=stacked["attn_norm"], mlp_norm=stacked["mlp_norm"], **whole),
+                        head)
 
 
 def packed_to_flat(params: Params) -> dict[str, Array]:

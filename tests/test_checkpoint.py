@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from jaxspec import checkpoint, fetch
+from jaxspec import checkpoint, fastweights, fetch
 from jaxspec.checkpoint import (
     CheckpointError,
     convert_checkpoint,
@@ -201,6 +201,53 @@ def test_float16_hf_checkpoint_packs_as_2_byte_tiles(tmp_path, tiny_cfg, tiny_pa
         if cpu_kernels.active():
             assert params.packed.stacked.w_up.data.dtype == params.packed.head.data.dtype == jnp.float16
         np.testing.assert_array_equal(logits(params, cfg), logits(params.replace(packed=None), cfg))
+
+
+@pytest.mark.parametrize("stored", ["float32", "float16", "bfloat16"])
+def test_lean_cpu_load_decodes_as_the_full_one(tmp_path, tiny_cfg, tiny_params, monkeypatch, stored):
+    """A checkpoint whose float32 layers and their packed copy would not share host memory (LLaMA-2-7B's 27 + 13.5 GB;
+    here ``LEAN_FROM_BYTES`` 0) loads on CPU a layer at a time into packed layers only: nothing float32 but the
+    embeddings and norms. Its logits (a few rows: the kernels; a long chunk: XLA's dots of the widened tiles), AR's
+    and n-gram drafting's greedy tokens and an int8 draft copy are those of the full load (float32 layers and a
+    packed copy), bit for bit."""
+    from jaxspec import cpu_kernels
+    from jaxspec.decode import Decoder, generate
+    from jaxspec.draft_model import DraftSpec, make_draft
+    from jaxspec.model import Layer
+    from jaxspec.speculative import SpecDecoder
+
+    if not cpu_kernels.active():
+        pytest.skip("no CPU kernels: nothing packed")
+    tensors = {n: a.astype(np.float16) for n, a in hf_tensors(tiny_cfg, tiny_params).items()}
+    out = convert_checkpoint(tmp_path / "ckpt", hf=write_hf(tmp_path / "hf", tiny_cfg, tensors), dtype=stored,
+                             progress=False)
+    _, full, _ = load_checkpoint(out, fast_cache=tmp_path / "fast")
+    monkeypatch.setattr(checkpoint, "LEAN_FROM_BYTES", 0)
+    cfg, unmapped, _ = load_checkpoint(out)  # no fast copy: restored and packed
+    for _ in range(2):  # the fast copy of the packed layers: written and read back, then read
+        cfg, lean, _ = load_checkpoint(out, fast_cache=tmp_path / "fast")
+        assert fastweights.path_for(tmp_path / "fast", out, checkpoint.LEAN).is_file()
+        np.testing.assert_array_equal(np.asarray(lean.packed.stacked.w_up.data),
+                                      np.asarray(unmapped.packed.stacked.w_up.data))
+    kinds = [k for k in Layer.__dataclass_fields__ if not k.endswith("norm")]
+    assert all(isinstance(getattr(ly, k), cpu_kernels.Packed) for ly in lean.layers for k in kinds)
+    assert lean.layers is lean.packed.layers and lean.stacked is lean.packed.stacked
+    two = np.dtype(jnp.bfloat16 if stored == "bfloat16" else np.float16)  # the stored dtype, else the exact one
+    assert {getattr(lean.stacked, k).data.dtype for k in kinds} == {two} and lean.packed.head.data.dtype.itemsize == 2
+    floats = {id(a): a.size for a in jax.tree.leaves(lean) if a.dtype == jnp.float32}  # each array once
+    assert sum(floats.values()) == lean.embed.size + (4 * cfg.n_layers + 1) * cfg.dim  # norms: per layer, stacked
+    np.testing.assert_array_equal(logits(lean, cfg), logits(full, cfg))
+    chunk = jnp.asarray(np.arange(1, 101, dtype=np.int32)[None] % cfg.vocab_size)  # past the kernels' rows
+    a, b = (np.asarray(_forward(p, cfg, chunk, KVCache.create(cfg, 1, 128))[0]) for p in (lean, full))
+    np.testing.assert_array_equal(a, b)
+    prompts = [[1, 2, 3, 4, 5, 1, 2, 3], list(range(7, 70))]
+    ar = generate(Decoder(cfg), full, prompts, 16)
+    assert generate(Decoder(cfg), lean, prompts, 16).tokens == ar.tokens
+    assert generate(SpecDecoder(cfg, drafter="ngram"), lean, prompts, 16).tokens == ar.tokens
+    assert generate(Decoder(cfg), unmapped, prompts, 16).tokens == ar.tokens
+    spec = DraftSpec(precision="int8", head=128)  # a draft copy is made from the tiles as from the float32 layers
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), make_draft(lean, cfg, spec),
+                                     make_draft(full, cfg, spec)))
 
 
 def test_shardings_hook(saved):
