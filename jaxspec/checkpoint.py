@@ -379,7 +379,7 @@ def save_params(path: str | Path, cfg: Config, params: Params, tokenizer: Tokeni
 
 
 FAST_WEIGHTS_MAX_BYTES = 8 << 30  # largest checkpoint (parameter files on disk) given a memory-mapped copy
-LEAN_FROM_BYTES = 8 << 30  # float32 parameters above this load on CPU as packed layers only (``_load_lean``)
+LEAN_FROM_BYTES = 8 << 30  # float32 parameters above this (or than memory allows) load on CPU packed only (``_lean``)
 LEAN = "float32-lean"  # the fast weight copy of such a load (``fastweights.path_for``'s dtype)
 
 
@@ -525,7 +525,7 @@ def load_checkpoint(path: str | Path, dtype: str | None = None, shardings: Shard
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if (shardings is None and dtype == "float32" and jax.default_backend() == "cpu" and cpu_kernels.active()
-            and sum(math.prod(s) for s in stored.values()) * 4 > LEAN_FROM_BYTES):
+            and _lean(sum(math.prod(s) for s in stored.values()) * 4)):
         return cfg.replace(dtype=dtype), _load_lean(path, cfg, stored, fast_cache), _checkpoint_tokenizer(path,
                                                                                                           manifest)
     flat, stacked, sig, packs = None, {}, {}, False
@@ -570,6 +570,13 @@ def _checkpoint_tokenizer(path: Path, manifest: Mapping[str, Any]) -> Tokenizer 
         raise CheckpointError(f"{path / 'tokenizer'}: unreadable tokenizer ({_line(e)})") from e
 
 
+def _lean(float32_bytes: int) -> bool:
+    """Whether parameters of ``float32_bytes`` load lean on CPU: above ``LEAN_FROM_BYTES``, or where the float32
+    arrays and a packed copy of half their size would not fit in the memory available now (a 1.7B model on 8 GB)."""
+    have = available_memory()
+    return float32_bytes > LEAN_FROM_BYTES or (have is not None and 1.5 * float32_bytes > have)
+
+
 def _load_lean(path: Path, cfg: Config, stored: Mapping[str, tuple[int, ...]], fast_cache: str | Path | None
                ) -> Params:
     """Params of a checkpoint too large for its float32 layers and their packed copy to share host memory: restored a
@@ -612,8 +619,14 @@ def _restore_packed(path: Path, cfg: Config, stored: Mapping[str, tuple[int, ...
         got = _restore(path, cfg, {n: stored[n] for n in names}, dtype, None, check=False)
         return {n: np.asarray(a) for n, a in got.items()}
 
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.n_layers, desc=f"packing {path.name} for this CPU", unit="layer", file=sys.stderr,
+               disable=None)  # on a terminal only: a 7B takes ~40 s, once where a fast copy is kept
+
     def layer(i: int) -> dict[str, np.ndarray]:
         got = read([n.replace("layers.0.", f"layers.{i}.", 1) for n in per_layer], like or "float32")
+        bar.update(1)
         return {n.split(".", 2)[2]: a for n, a in got.items()}
 
     small = read(sorted(n for n in stored if n not in matrices), "float32")
@@ -622,7 +635,9 @@ def _restore_packed(path: Path, cfg: Config, stored: Mapping[str, tuple[int, ...
     try:
         return pack_streamed(cfg, small, layer, like)
     except ValueError as e:
-        raise CheckpointError(f"{path}: cannot be loaded packed for this CPU ({_line(e)})") from e
+        raise CheckpointError(f"{path}: cannot be loaded packed for this CPU ({e})") from e
+    finally:
+        bar.close()
 
 
 def available_memory() -> int | None:

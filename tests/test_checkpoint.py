@@ -250,6 +250,22 @@ def test_lean_cpu_load_decodes_as_the_full_one(tmp_path, tiny_cfg, tiny_params, 
                                      make_draft(full, cfg, spec)))
 
 
+def test_lean_load_refuses_layers_stored_unlike_the_first(tmp_path, tiny_cfg, tiny_params, monkeypatch):
+    """Layer 0's weights are exactly float16 values, layer 1's are not: one stacked buffer cannot hold both, and the
+    lean load says so in one line instead of packing the model wrong."""
+    from jaxspec import cpu_kernels
+
+    if not cpu_kernels.active():
+        pytest.skip("no CPU kernels: nothing packed")
+    flat = {n: np.asarray(a) for n, a in params_to_flat(tiny_params).items()}
+    flat = {n: a.astype(np.float16).astype(np.float32) if n.startswith("layers.0.") else a for n, a in flat.items()}
+    out = save_checkpoint(tmp_path / "mixed", tiny_cfg, flat.items())
+    monkeypatch.setattr(checkpoint, "LEAN_FROM_BYTES", 0)
+    with pytest.raises(CheckpointError, match=r"cannot be loaded packed for this CPU \(layers\.1\.w\w+: not exactly "
+                                              r"float16 values, as the other layers' weights are\)"):
+        load_checkpoint(out)
+
+
 def test_shardings_hook(saved):
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     seen = []
@@ -370,12 +386,14 @@ def test_wrong_shape_in_manifest(tmp_path, saved):
 
 
 def test_a_checkpoint_too_large_for_memory_is_refused_before_reading(tmp_path, saved, monkeypatch, capsys):
-    """Restoring more than the machine has would get the process killed part-way, with no message."""
-    from jaxspec import cli
+    """Restoring more than the machine has would get the process killed part-way, with no message; where float32
+    fits but not a packed copy beside it, the load is lean (packed layers only)."""
+    from jaxspec import cli, cpu_kernels
     from jaxspec.checkpoint import fast_cache_dir
 
     monkeypatch.setattr(checkpoint, "available_memory", lambda: 10_000)
-    with pytest.raises(CheckpointError, match=r"take 0\.0 GB as float32, more than the 0\.0 GB of memory"):
+    with pytest.raises(CheckpointError, match=r"take 0\.0 GB (as float32|packed for this CPU), more than the 0\.0 GB "
+                                              r"of memory"):
         load_checkpoint(saved)
     monkeypatch.setenv("JAXSPEC_CACHE", str(tmp_path / "cache"))
     argv = ["--ckpt", str(saved), "--prompt", "hi", "--max-new-tokens", "2"]
@@ -384,7 +402,10 @@ def test_a_checkpoint_too_large_for_memory_is_refused_before_reading(tmp_path, s
     assert err.startswith("error: ") and err.count("\n") == 1 and "more than the" in err, err
     assert not list(fast_cache_dir().glob("*.bin"))  # nothing half-written
     monkeypatch.setattr(checkpoint, "available_memory", lambda: None)  # unknown (not Linux): no check
-    load_checkpoint(saved)
+    assert not isinstance(load_checkpoint(saved)[1].layers[0].wq, cpu_kernels.Packed)
+    f32 = 4 * sum(np.asarray(a).size for a in jax.tree.leaves(load_checkpoint(saved)[1]))
+    monkeypatch.setattr(checkpoint, "available_memory", lambda: int(1.2 * f32))  # float32 fits, not a packed copy too
+    assert isinstance(load_checkpoint(saved)[1].layers[0].wq, cpu_kernels.Packed) == cpu_kernels.active()
 
 
 # ---- atomicity --------------------------------------------------------------------------------------------

@@ -221,6 +221,25 @@ def test_drafter_skip_uses_the_shipped_profiles_self_draft(files, tmp_path, caps
     assert f"skip mask {SkipMask(attn=(1,), mlp=(2,))}" in err and "draft: int8, head 1000" in err, err
 
 
+def test_generate_loads_lean_what_does_not_fit_twice(files, capsys, monkeypatch):
+    """What ``generate.py`` does on CPU with a model whose float32 layers and packed copy would not share memory
+    (LLaMA-2-7B on 24 GiB; here any size): packed layers only, the same tokens as the full load, AR and n-gram
+    drafting alike, a long prompt's chunks read through the packed layers too."""
+    from jaxspec import checkpoint, cpu_kernels
+
+    argv = ["--ckpt", str(files["ckpt"]), "--prompt", " ".join(["one two three"] * 30), "--max-new-tokens", "8",
+            "--json", "--compare"]
+    assert cli.run(script("generate"), argv) == 0
+    full = json.loads(capsys.readouterr().out.splitlines()[-1])
+    monkeypatch.setattr(checkpoint, "LEAN_FROM_BYTES", 0)
+    for _ in range(2):  # packs and writes its fast copy, then maps it
+        assert cli.run(script("generate"), argv) == 0
+        lean = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert lean["token_ids"] == full["token_ids"] and lean["stats"]["identical"], lean["stats"]
+    assert lean["stats"]["prompt_tokens"] > cpu_kernels.MAX_PACKED_ROWS
+    assert bool(list(checkpoint.fast_cache_dir().glob(f"*-{checkpoint.LEAN}.bin"))) == cpu_kernels.active()
+
+
 def test_ctrl_c_mid_conversion_leaves_nothing(tmp_path):
     cfg = PRESETS["tiny"].replace(dim=256, hidden_dim=1024, n_layers=8, n_heads=4, n_kv_heads=2)
     import jax
