@@ -6,7 +6,8 @@ at a time): its memory, load time, AR decode speed and the cost of a verify's wi
     python benchmarks/bench_lean.py --fast-cache /tmp/jaxspec-weights --widths 1    # twice: written, then mapped
 
 The weights are random normal float16 values (no LLaMA-2 download here), written once as a jaxspec checkpoint in
-LLaMA-2-7B's shapes (``--layers`` of its 32): time, memory and bandwidth are a real 7B's; acceptance is not measured.
+LLaMA-2-7B's shapes (``--layers`` of its 32), with LLaMA-2's tokenizer (so ``generate.py --ckpt DIR`` runs it too):
+time, memory and bandwidth are a real 7B's; acceptance is not measured.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from jaxspec.config import PRESETS, SkipMask  # noqa: E402
 from jaxspec.decode import Decoder, generate  # noqa: E402
 from jaxspec.model import param_shapes  # noqa: E402
 from jaxspec.roofline import bytes_per_token  # noqa: E402
+from jaxspec.tokenizer import Tokenizer  # noqa: E402
 
 
 def status_gb(field: str) -> float:
@@ -58,7 +60,9 @@ def main() -> None:
                 yield name, (w if name.endswith("norm") else w * np.float32(0.02)).astype(np.float16)
 
         t = time.perf_counter()
-        checkpoint.save_checkpoint(args.dir, cfg, tensors(), meta={"name": "random LLaMA-2-7B shapes"}, progress=True)
+        vocab = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "llama2_vocab"
+        checkpoint.save_checkpoint(args.dir, cfg, tensors(), Tokenizer.from_gguf(vocab / "ggml-vocab-llama-spm.gguf"),
+                                   meta={"name": "random LLaMA-2-7B shapes"}, progress=True)
         print(f"- wrote {args.dir} ({checkpoint.checkpoint_size(args.dir) / 1e9:.1f} GB) in "
               f"{time.perf_counter() - t:.0f} s")
     checkpoint.LEAN_FROM_BYTES = 0  # lean at any size (32 layers are over the limit anyway)
