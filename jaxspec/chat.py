@@ -36,12 +36,14 @@ from jaxspec.tokenizer import StreamDecoder
 
 
 class ChatSession:
-    """A conversation with ``decoder`` (AR or speculative); ``send`` one user message at a time."""
+    """A conversation with ``decoder`` (AR or speculative); ``send`` one user message at a time. Answers stream in
+    calls of up to ``steps_per_call`` steps, an update about every ``update_s`` seconds (``decode.stream``)."""
 
     def __init__(self, decoder: Decoder, params: Params, tok: Any, max_new: int = 256, system: str | None = None,
-                 seed: int = 0, steps_per_call: int = 8, **init: float) -> None:
+                 seed: int = 0, steps_per_call: int = 64, update_s: float = 0.1, **init: float) -> None:
         self.decoder, self.params, self.tok, self.max_new = decoder, params, tok, max_new
         self.system, self.seed, self.steps_per_call, self.init = system, seed, steps_per_call, dict(init)
+        self.update_s = update_s
         self.eos = tuple(getattr(tok, "eos_ids", ())) or decoder.cfg.eos_ids
         self.interrupted = False  # set (e.g. by a SIGINT handler) to end the current answer early
         self.reset()
@@ -119,7 +121,8 @@ class ChatSession:
         jax.block_until_ready(state)
         t1 = time.perf_counter()
         try:
-            for state in stream(self.decoder, self.params, state, self.steps_per_call):  # noqa: B020
+            for state in stream(self.decoder, self.params, state, self.steps_per_call,  # noqa: B020
+                                update_s=self.update_s):
                 ids = row_tokens(state, 0, fed)
                 t_first = t_first or time.perf_counter()
                 fed += len(ids)

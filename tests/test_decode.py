@@ -120,6 +120,24 @@ def test_growing_cache_windows_equal_one_full_cache(params, monkeypatch):
         assert small.compile_s > 0 and small.decode_s > 0
 
 
+def test_streaming_paces_calls_by_time(params, monkeypatch):
+    """``update_s``: a call runs as many steps as take that long at the last call's pace, at most ``steps_per_call``:
+    all of them where steps are fast against it, one where they are slow (a 7B on a CPU, one token per update)."""
+    from jaxspec import decode
+
+    prompts = [tinymodel.progression(5, 2, 3)]
+    full = generate(Decoder(CFG), params, prompts, 30)
+    for update_s, expect in ((60.0, 5), (1e-9, 1)):
+        calls, real = [], decode.run
+        monkeypatch.setattr(decode, "run", lambda d, p, s, n, calls=calls, real=real: calls.append(int(n))
+                            or real(d, p, s, n))
+        paced = generate(Decoder(CFG), params, prompts, 30, on_update=lambda s: None, steps_per_call=5,
+                         update_s=update_s)
+        monkeypatch.undo()
+        assert paced.tokens == full.tokens
+        assert calls[:2] == [1, 1] and set(calls[2:]) == {expect}, calls  # the warm-up, the first step, then paced
+
+
 def test_window_len():
     assert window_len(5, 512, 16) == 16 and window_len(17, 512, 16) == 32 and window_len(300, 272, 16) == 300
     assert window_len(5, 512, 0) == 512 and window_len(600, 1024, 256) == 1024

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = tok.encode(text)
 
     def run(decoder: Decoder, stream: bool, show: bool = True) -> Result:
-        """Generate, streamed (8 steps a call, printed as it comes when ``show``) or in one call."""
+        """Generate, streamed (an update every ~0.1 s, printed as it comes when ``show``) or in one call."""
         kw = {"theta": theta} if decoder.mode == "ssd" else {}
         out, fed = StreamDecoder(tok), [0]
 
@@ -224,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
 
         res = generate(decoder, params, [ids], args.max_new_tokens, seed=args.seed,
-                       on_update=on_update if stream and show else None, steps_per_call=8 if stream else 1 << 30,
-                       **kw)
+                       on_update=on_update if stream and show else None, steps_per_call=64 if stream else 1 << 30,
+                       update_s=0.1 if stream else 0.0, **kw)
         if stream and show:
             sys.stdout.write(out.flush() + "\n")
             sys.stdout.flush()
