@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         return res
 
     if args.compare:
-        # Both timed alike: AR in the same 8-step calls as the streamed SSD answer, only not printed.
+        # Both timed alike: AR streamed in paced calls as the SSD answer is, only not printed.
         r_ar, r_ssd = run(ar, not args.json, show=False), run(ssd, not args.json)
         stats = {"mode": "ssd", "drafter": drafter, **result_stats(r_ssd),
                  "ar_tokens_per_s": round(r_ar.tokens_per_s, 2), "ssd_tokens_per_s": round(r_ssd.tokens_per_s, 2),
