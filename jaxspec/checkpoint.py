@@ -615,16 +615,15 @@ def _restore_packed(path: Path, cfg: Config, stored: Mapping[str, tuple[int, ...
         math.prod(stored[n]) for n in matrices)  # an upper bound but for 4-/8-bit blocks
     _check_memory(path, need, "packed for this CPU")
 
-    def read(names: list[str], dtype: str) -> dict[str, np.ndarray]:
-        got = _restore(path, cfg, {n: stored[n] for n in names}, dtype, None, check=False)
-        return {n: np.asarray(a) for n, a in got.items()}
+    def read(names: list[str], dtype: str) -> dict[str, jax.Array]:
+        return _restore(path, cfg, {n: stored[n] for n in names}, dtype, None, check=False)
 
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.n_layers, desc=f"packing {path.name} for this CPU", unit="layer", file=sys.stderr,
                disable=None)  # on a terminal only: a 7B takes ~40 s, once where a fast copy is kept
 
-    def layer(i: int) -> dict[str, np.ndarray]:
+    def layer(i: int) -> dict[str, jax.Array]:
         got = read([n.replace("layers.0.", f"layers.{i}.", 1) for n in per_layer], like or "float32")
         bar.update(1)
         return {n.split(".", 2)[2]: a for n, a in got.items()}
@@ -671,8 +670,8 @@ def _restore(path: Path, cfg: Config, stored: Mapping[str, tuple[int, ...]], dty
     ocp = _orbax()
     try:
         if not check:  # some of the parameters (checked as a whole by the caller)
-            with _quiet_absl():
-                return ocp.PyTreeCheckpointer().restore(path / "params", args=ocp.args.PyTreeRestore(
+            with _quiet_absl(), ocp.PyTreeCheckpointer() as ckptr:
+                return ckptr.restore(path / "params", args=ocp.args.PyTreeRestore(
                     item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                     partial_restore=True))
         with _quiet_absl(), ocp.StandardCheckpointer() as ckptr:

@@ -361,7 +361,7 @@ def pack_like(w: Array | np.ndarray, n_in: int = 1, like: np.dtype | None = None
         return _quantized_tiles(b, tile())
     a = _matrix(w, n_in)
     if like in HALF and not (a.dtype == like or (np.isfinite(a).all() and np.array_equal(
-            a.astype(like).astype(np.float32).view(np.uint32), a.astype(np.float32).view(np.uint32)))):
+            a.astype(like).astype(np.float32).view(np.uint32), a.astype(np.float32, copy=False).view(np.uint32)))):
         raise ValueError(f"not exactly {like} values, as the other layers' weights are")
     return _tiles(a).astype(like, copy=False)
 

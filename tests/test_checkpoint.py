@@ -224,6 +224,7 @@ def test_lean_cpu_load_decodes_as_the_full_one(tmp_path, tiny_cfg, tiny_params, 
     _, full, _ = load_checkpoint(out, fast_cache=tmp_path / "fast")
     monkeypatch.setattr(checkpoint, "LEAN_FROM_BYTES", 0)
     cfg, unmapped, _ = load_checkpoint(out)  # no fast copy: restored and packed
+    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(unmapped))  # on the device: no transfer per call
     for _ in range(2):  # the fast copy of the packed layers: written and read back, then read
         cfg, lean, _ = load_checkpoint(out, fast_cache=tmp_path / "fast")
         assert fastweights.path_for(tmp_path / "fast", out, checkpoint.LEAN).is_file()
@@ -234,6 +235,7 @@ def test_lean_cpu_load_decodes_as_the_full_one(tmp_path, tiny_cfg, tiny_params, 
     assert lean.layers is lean.packed.layers and lean.stacked is lean.packed.stacked
     two = np.dtype(jnp.bfloat16 if stored == "bfloat16" else np.float16)  # the stored dtype, else the exact one
     assert {getattr(lean.stacked, k).data.dtype for k in kinds} == {two} and lean.packed.head.data.dtype.itemsize == 2
+    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(lean))  # on the device: no transfer per call
     floats = {id(a): a.size for a in jax.tree.leaves(lean) if a.dtype == jnp.float32}  # each array once
     assert sum(floats.values()) == lean.embed.size + (4 * cfg.n_layers + 1) * cfg.dim  # norms: per layer, stacked
     np.testing.assert_array_equal(logits(lean, cfg), logits(full, cfg))
