@@ -347,7 +347,7 @@ def device_layers(host: np.ndarray, shape: tuple[int, ...], n_in: int) -> tuple[
     return Packed(stacked, shape, n_in), [Packed(a, shape, n_in) for a in layers]
 
 
-def pack_like(w: Array | np.ndarray, n_in: int = 1, like: np.dtype | None = None) -> np.ndarray:
+def pack_like(w: Array | np.ndarray, n_in: int = 1, like: np.dtype | str | None = None) -> np.ndarray:
     """The host tiles of one weight (see ``pack``): in its exact storage when ``like`` is None, else in storage
     ``like`` (the tiles' dtype: another layer's), which must hold it exactly (ValueError otherwise). Lets weights that
     are read one layer at a time be packed into one stacked buffer without a pass over all of them first."""
