@@ -4,6 +4,7 @@ at a time): its memory, load time, AR decode speed and the cost of a verify's wi
     python benchmarks/bench_lean.py                              # 32 layers: 13.5 GB of float16 weights in --dir
     python benchmarks/bench_lean.py --layers 8 --dir /tmp/jaxspec-7b-8 --widths 1,2,5
     python benchmarks/bench_lean.py --fast-cache /tmp/jaxspec-weights --widths 1    # twice: written, then mapped
+    python benchmarks/bench_lean.py --against smollm2-135m --rounds 4     # a model loaded lean vs as before
 
 The weights are random normal float16 values (no LLaMA-2 download here), written once as a jaxspec checkpoint in
 LLaMA-2-7B's shapes (``--layers`` of its 32), with LLaMA-2's tokenizer (so ``generate.py --ckpt DIR`` runs it too):
@@ -27,7 +28,7 @@ from bench import step_cost  # noqa: E402
 
 from jaxspec import checkpoint  # noqa: E402
 from jaxspec.config import PRESETS, SkipMask  # noqa: E402
-from jaxspec.decode import Decoder, generate  # noqa: E402
+from jaxspec.decode import Decoder, generate, prefill  # noqa: E402
 from jaxspec.model import param_shapes  # noqa: E402
 from jaxspec.roofline import bytes_per_token  # noqa: E402
 from jaxspec.tokenizer import Tokenizer  # noqa: E402
@@ -49,7 +50,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--fast-cache", help="load through a memory-mapped copy of the packed layers kept here (written by "
                     "the first run, mapped by the next, as generate.py does)")
+    ap.add_argument("--against", metavar="CKPT", help="instead: checkpoint CKPT loaded lean and as before (float32 "
+                    "layers and a packed copy), AR tokens/s and a 1k-token prefill in interleaved rounds")
+    ap.add_argument("--rounds", type=int, default=4, help="with --against")
     args = ap.parse_args()
+    if args.against:
+        return against(args.against, args.rounds)
     cfg = PRESETS["llama2-7b"].replace(n_layers=args.layers, dtype="float16")
     if not checkpoint.is_checkpoint(args.dir):
         rng = np.random.default_rng(0)
@@ -88,6 +94,32 @@ def main() -> None:
         s = step_cost(params, cfg, T, SkipMask(), n=2, repeats=3)
         base = base or s
         print(f"- forward of {T} tokens: {s * 1e3:.0f} ms = {s / base:.2f}x one token's")
+
+
+def against(ckpt: str, rounds: int) -> None:
+    """``ckpt`` loaded lean and as before, side by side in one process: medians of interleaved rounds."""
+    _, full, tok = checkpoint.load(ckpt, fast_cache=checkpoint.fast_cache_dir())
+    checkpoint.LEAN_FROM_BYTES = 0
+    cfg, lean, _ = checkpoint.load(ckpt)
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Tell me a short story about a cat."}]))
+    long = np.random.default_rng(0).integers(100, cfg.vocab_size, 1000).tolist()
+    dec = Decoder(cfg, eos_ids=tuple(tok.eos_ids))
+    got: dict[str, dict[str, list]] = {n: {"tps": [], "prefill": [], "tokens": []} for n in ("full", "lean")}
+    for r in range(rounds + 1):  # round 0 compiles
+        for name, params in (("full", full), ("lean", lean)):
+            res = generate(dec, params, [prompt], 128)
+            t = time.perf_counter()
+            jax.block_until_ready(prefill(params, dec, [long], 4))
+            if r:
+                got[name]["tps"].append(res.tokens_per_s)
+                got[name]["prefill"].append(1000 / (time.perf_counter() - t))
+                got[name]["tokens"].append(res.tokens)
+    for name, g in got.items():
+        print(f"- {name}: AR {np.median(g['tps']):.1f} tokens/s, 1k-token prefill {np.median(g['prefill']):.0f} "
+              f"tokens/s")
+    print(f"- lean / full: AR {np.median(got['lean']['tps']) / np.median(got['full']['tps']):.3f}x, prefill "
+          f"{np.median(got['lean']['prefill']) / np.median(got['full']['prefill']):.3f}x; identical output: "
+          f"{got['lean']['tokens'] == got['full']['tokens']}")
 
 
 if __name__ == "__main__":

@@ -287,18 +287,24 @@ def _exact_blocks(ws: Sequence[Array | np.ndarray], n_in: int) -> list[blockquan
     return found
 
 
-def _exact_half(ws: Sequence[Array | np.ndarray]) -> np.dtype | None:
-    """The 2-byte dtype (float16 first, then bfloat16) holding every value of every one of ``ws`` exactly (the same
-    float32 bits back: -0.0 too), else None."""
-    arrays = [np.asarray(w) for w in ws]
-    if not all(a.dtype == np.float32 and np.isfinite(a).all() for a in arrays):
-        return None
+def _holds(a: np.ndarray, dt: np.dtype) -> bool:
+    """Whether 2-byte ``dt`` holds every value of ``a`` exactly: ``a`` is of ``dt``, or float32 values that come
+    back with the same bits (-0.0 too; no inf or NaN)."""
+    if a.dtype == dt:
+        return True
+    if a.dtype != np.float32 or not np.isfinite(a).all():
+        return False
     with np.errstate(over="ignore"):  # values past float16's range become inf: not equal, as they should
-        for dt in HALF:
-            if all(np.array_equal(a.astype(dt).astype(np.float32).view(np.uint32), a.view(np.uint32))
-                   for a in arrays):
-                return np.dtype(dt)
-    return None
+        return np.array_equal(a.astype(dt).astype(np.float32).view(np.uint32), a.view(np.uint32))
+
+
+def _exact_half(ws: Sequence[Array | np.ndarray]) -> np.dtype | None:
+    """The 2-byte dtype (float16 first, then bfloat16) holding every value of every one of the float32 ``ws``
+    exactly (``_holds``), else None."""
+    arrays = [np.asarray(w) for w in ws]
+    if not all(a.dtype == np.float32 for a in arrays):
+        return None
+    return next((np.dtype(dt) for dt in HALF if all(_holds(a, dt) for a in arrays)), None)
 
 
 def _packer(ws: Sequence[Array | np.ndarray], n_in: int, exact: bool) -> Callable[[int], np.ndarray]:
@@ -360,8 +366,7 @@ def pack_like(w: Array | np.ndarray, n_in: int = 1, like: np.dtype | str | None 
             raise ValueError(f"not exactly {QUANT[like]} blocks, as the other layers' weights are")
         return _quantized_tiles(b, tile())
     a = _matrix(w, n_in)
-    if like in HALF and not (a.dtype == like or (np.isfinite(a).all() and np.array_equal(
-            a.astype(like).astype(np.float32).view(np.uint32), a.astype(np.float32, copy=False).view(np.uint32)))):
+    if like in HALF and not _holds(a, like):
         raise ValueError(f"not exactly {like} values, as the other layers' weights are")
     return _tiles(a).astype(like, copy=False)
 

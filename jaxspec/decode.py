@@ -407,7 +407,8 @@ def stream(decoder: Decoder, params: Params, state: State, steps_per_call: int =
             on_window(state)
         last = time.perf_counter()
         state = run(decoder, params, state, to_device(np.int32(steps)))
-        steps = steps if update_s > 0 else steps_per_call
+        if update_s <= 0:
+            steps = steps_per_call
         yield state
 
 
